@@ -1,0 +1,35 @@
+# Two entry points: `make demo` runs the whole workflow on the bundled demo cohort,
+# `make test` runs the test suite. Both create (or reuse) the virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.histopipe-installed
+PYTEST_ARGS ?=
+CORES ?= 2
+DEMO_DIR ?= resources/demo
+
+.PHONY: venv demo test lint clean-demo
+
+venv: $(STAMP)
+
+# torch is pinned to the build this project is tested with (see README: Installation).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/histopipe demo-cohort $(DEMO_DIR)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES) \
+		--config sheet=$(DEMO_DIR)/slides.tsv
+
+test: venv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure here" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: venv
+	$(BIN)/ruff check histopipe tests benchmarks
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint --config sheet=config/slides.tsv

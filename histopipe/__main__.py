@@ -1,0 +1,3 @@
+from histopipe.cli import main
+
+raise SystemExit(main())

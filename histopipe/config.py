@@ -1,0 +1,102 @@
+"""Configuration: the schema-checked YAML, with defaults filled, as plain dicts and dataclasses.
+
+The JSON schemas in ``workflow/schemas/`` are the single source of truth for keys, defaults
+and descriptions; Snakemake validates the same files at parse time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jsonschema
+import yaml
+
+from histopipe.errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+SHEET_SCHEMA = SCHEMA_DIR / "sheet.schema.yaml"
+
+T = TypeVar("T")
+
+
+def _default_filling_validator(schema: dict) -> jsonschema.Validator:
+    base = jsonschema.validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = _copy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    return cls(schema)
+
+
+def _copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def load_schema(path: Path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate(instance: dict, schema_path: Path, what: str) -> dict:
+    """Validate ``instance`` in place against a schema, filling defaults; return it.
+
+    Nested defaults are filled too (an absent section becomes ``{}`` and then gets its keys).
+    Raises ConfigError naming ``what`` and the offending key.
+    """
+    schema = load_schema(schema_path)
+    validator = _default_filling_validator(schema)
+    # Two passes: the first creates absent sections from their `{}` default, the second
+    # fills the keys inside them.
+    for _ in range(2):
+        errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+        if errors:
+            err = errors[0]
+            where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+            raise ConfigError(f"{what}: {where}: {err.message}")
+    return instance
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config (or none), apply ``overrides`` (nested dict), validate, fill defaults."""
+    cfg: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    return validate(cfg, CONFIG_SCHEMA, str(path) if path else "config")
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def section(cfg: dict, name: str, cls: type[T]) -> T:
+    """Build the dataclass ``cls`` from config section ``name`` (unknown keys are an error)."""
+    values = cfg.get(name, {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigError(f"config.{name}: unknown keys {sorted(unknown)}")
+    return cls(**values)
