@@ -30,19 +30,14 @@ def square_fits(mask: np.ndarray, side: int) -> np.ndarray:
 
 def largest_square(mask: np.ndarray) -> int:
     """Side (px) of the largest axis-aligned square fully inside ``mask`` (0 if empty)."""
-    # Classic dynamic programme over rows, vectorised along each row.
-    m = mask.astype(bool)
-    if not m.any():
-        return 0
-    prev = np.zeros(m.shape[1] + 1, dtype=np.int32)
-    best = 0
-    for row in m:
-        cur = np.zeros_like(prev)
-        for x in np.flatnonzero(row):
-            cur[x + 1] = 1 + min(prev[x], prev[x + 1], cur[x])
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
+    lo, hi = 0, min(mask.shape)
+    while lo < hi:  # "a square of side s fits" is monotone in s
+        mid = (lo + hi + 1) // 2
+        if square_fits(mask, mid).any():
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def sample_square(mask: np.ndarray, side: int, rng: np.random.Generator) -> tuple[int, int] | None:
