@@ -195,6 +195,8 @@ def annotation_map(annotation: str | Path, tile_store: str | Path, label_names: 
         "levels": [num_labels - 1],
         "cell_level0": grid.cell_level0,
         "slide_id": grid.slide_id,
+        "slide_path": grid.slide_path,
+        "backend": grid.backend,
         "source": "annotation",
         "num_labels": num_labels,
         "label_names": names,

@@ -168,8 +168,8 @@ def _slide_seed(seed: int, slide_id: str) -> int:
 def diversity_sample(path: str | Path, m: int, seed: int, normalize: str = "l2") -> np.ndarray:
     """Indices (sorted, int64) of ``m`` tiles of one slide that cover its embedding space.
 
-    k-means with ``m`` centroids on the slide's features (in a seeded random projection to
-    SAMPLE_DIM dimensions), then the tile nearest each centroid; slots left by centroids that
+    k-means (k-means++ seeded) with ``m`` centroids on the slide's features, in a seeded
+    random projection to SAMPLE_DIM dimensions, then the tile nearest each centroid; slots left by centroids that
     share a nearest tile are filled at random. All tiles are taken when ``m >= n``.
     Deterministic for a given seed. Memory: the projected features (n × 64 float32).
     """
@@ -192,7 +192,7 @@ def diversity_sample(path: str | Path, m: int, seed: int, normalize: str = "l2")
         z.shape[1], m, niter=SAMPLE_NITER, seed=int(rng.integers(2**31 - 1)), verbose=False,
         max_points_per_centroid=SAMPLE_POINTS_PER_CENTROID + 1, min_points_per_centroid=1,
     )
-    km.train(train)
+    km.train(train, init_centroids=train[kmeans_pp_seeds(train, m, rng)])
     index = faiss.IndexFlatL2(z.shape[1])
     index.add(z)
     _, nearest = index.search(km.centroids, 1)
@@ -202,6 +202,25 @@ def diversity_sample(path: str | Path, m: int, seed: int, normalize: str = "l2")
         rest = np.setdiff1d(np.arange(n), chosen)
         chosen = np.concatenate([chosen, rng.choice(rest, m - len(chosen), replace=False)])
     return np.sort(chosen).astype(np.int64)
+
+
+def kmeans_pp_seeds(x: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: ``m`` row indices of ``x``, each drawn with probability
+    proportional to its squared distance to the seeds so far. Unlike faiss's uniform
+    initialisation, rare but distinct modes get a seed with high probability."""
+    n = len(x)
+    seeds = np.empty(m, dtype=np.int64)
+    seeds[0] = rng.integers(n)
+    d2 = ((x - x[seeds[0]]) ** 2).sum(axis=1, dtype=np.float64)
+    for j in range(1, m):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than seeds: fill with unused rows
+            rest = np.setdiff1d(np.arange(n), seeds[:j])
+            seeds[j:] = rng.choice(rest, m - j, replace=False)
+            break
+        seeds[j] = min(int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right")), n - 1)
+        d2 = np.minimum(d2, ((x - x[seeds[j]]) ** 2).sum(axis=1, dtype=np.float64))
+    return seeds
 
 
 def _sample_one(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -540,6 +559,6 @@ def fit(paths: Sequence[str | Path], cfg: ClusterConfig) -> ClusterModel:
         "cluster_variance": [round(float(v), 6) for v in var],
         "max_variance_before_resplit": float(var_before.max()),
         "resplit": events,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "student"},
+        "config": json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "student"})),
     }
     return ClusterModel(centroids, luts, meta)

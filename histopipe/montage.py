@@ -16,8 +16,8 @@ import numpy as np
 
 from histopipe.atomic import atomic_path
 from histopipe.errors import HistopipeError
-from histopipe.tissuemap import TileGrid, palette, read_map
 from histopipe.tiling import TileSource
+from histopipe.tissuemap import TileGrid, palette, read_map
 
 LABEL_WIDTH = 180  # px of the text panel left of each row
 

@@ -30,6 +30,21 @@ TILES = "{results}/tiles/{tiling}/{slide}.zarr"
 TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
 TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
 
+# Tissue types. One cluster model per encoder, tiling and k (or the config's
+# clustering.model when a cohort is reprocessed with existing types); maps per slide
+# (contract #3) with a PNG overlay and QuPath GeoJSON beside each. Annotated slides get
+# their map from the annotation instead (same grid, no encoder or k in the path).
+CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
+CLUSTER_MODEL = CLUSTER_DIR + "/model"
+CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"
+STUDENT_MODEL = CLUSTER_DIR + "/student"
+TISSUE_MAP = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.zarr"
+TISSUE_MAP_PNG = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.png"
+TISSUE_MAP_GEOJSON = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.geojson"
+ANNOTATION_MAP = "{results}/maps/annotation/{tiling}/{slide}.zarr"
+ANNOTATION_MAP_PNG = "{results}/maps/annotation/{tiling}/{slide}.png"
+ANNOTATION_MAP_GEOJSON = "{results}/maps/annotation/{tiling}/{slide}.geojson"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 LOG = "{results}/logs/{rule}/{name}.log"

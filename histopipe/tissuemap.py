@@ -25,6 +25,7 @@ from histopipe.atomic import atomic_path, atomic_write_text
 from histopipe.clustering import ClusterModel, store_info
 from histopipe.errors import HistopipeError
 from histopipe.slides import open_slide
+from histopipe.tiling import TileStore
 
 # Twenty well-separated colours first (the coarse levels use only these), then golden-angle
 # hues; fixed, so that type t has the same colour in every slide, overlay and montage.
@@ -67,21 +68,23 @@ class TileGrid:
 
     @classmethod
     def from_tile_store(cls, path: str | Path) -> TileGrid:
-        path = Path(path)
+        """The grid of a tile store. A store of a failed slide (no geometry) gives a 0 × 0
+        raster, so that downstream outputs still exist for it."""
+        store = TileStore(path)
+        attrs = store.attrs
+        slide_id = str(attrs.get("slide_id", Path(path).name.removesuffix(".zarr")))
         try:
-            group = zarr.open_group(path, mode="r")
-            coords = np.asarray(group["coords"][:], dtype=np.int64).reshape(-1, 2)
-            attrs = dict(group.attrs)
             cell = float(attrs["stride_level0"])
             width, height = int(attrs["level0_width"]), int(attrs["level0_height"])
         except KeyError as err:
-            raise HistopipeError(f"{path}: tile store lacks {err} (expected contract #1 arrays and attrs)") from None
-        except Exception as err:
-            raise HistopipeError(f"{path}: not a readable tile store: {err}") from None
+            if attrs.get("status") == "failed" and len(store.coords) == 0:
+                cell, width, height = 1.0, 0, 0
+            else:
+                raise HistopipeError(f"{path}: tile store lacks attribute {err} (see contract #1)") from None
         if cell <= 0:
             raise HistopipeError(f"{path}: stride_level0 must be positive, got {cell}")
-        return cls(str(attrs.get("slide_id", path.name.removesuffix(".zarr"))), str(attrs.get("slide_path", "")),
-                   str(attrs.get("backend", "auto")), cell, width, height, coords, attrs)
+        coords = np.asarray(store.coords, dtype=np.int64).reshape(-1, 2)
+        return cls(slide_id, str(attrs.get("slide_path", "")), str(attrs.get("backend", "auto")), cell, width, height, coords, attrs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,6 +95,8 @@ class TileGrid:
         """Raster ``(rows, cols)`` (int64) of tiles with level-0 top-left ``coords`` (N, 2)."""
         coords = self.coords if coords is None else np.asarray(coords).reshape(-1, 2)
         h, w = self.shape
+        if h == 0 or w == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         cols = np.clip(np.rint(coords[:, 0] / self.cell_level0).astype(np.int64), 0, w - 1)
         rows = np.clip(np.rint(coords[:, 1] / self.cell_level0).astype(np.int64), 0, h - 1)
         return rows, cols
@@ -123,7 +128,11 @@ class TissueMap:
 
 def rasterize_tiles(grid: TileGrid, tile_types: np.ndarray) -> np.ndarray:
     """Map raster uint16 (L, H, W) from per-tile types ``tile_types`` int (N, L) (0-based)."""
-    tile_types = np.asarray(tile_types).reshape(len(grid.coords), -1)
+    tile_types = np.asarray(tile_types)
+    if tile_types.ndim == 1:
+        tile_types = tile_types[:, None]
+    if len(tile_types) != len(grid.coords):
+        raise HistopipeError(f"{len(tile_types)} tile types for a grid of {len(grid.coords)} tiles")
     out = np.zeros((tile_types.shape[1], *grid.shape), dtype=np.uint16)
     rows, cols = grid.cells()
     out[:, rows, cols] = (tile_types + 1).T
@@ -175,6 +184,8 @@ def kmeans_map(model: ClusterModel, embedding_store: str | Path, tile_store: str
         "levels": model.levels,
         "cell_level0": grid.cell_level0,
         "slide_id": grid.slide_id,
+        "slide_path": grid.slide_path,
+        "backend": grid.backend,
         "source": "kmeans",
         "num_labels": model.k + 1,
         "label_names": model.label_names(),
@@ -229,11 +240,20 @@ def overlay_png(
     path: str | Path, tmap: TissueMap, slide_path: str | Path, level: int = 0, max_side: int = 1024,
     alpha: float = 0.5, backend: str = "auto", mpp: float | None = None,
 ) -> np.ndarray:
-    """Write a PNG of the slide thumbnail with the map's ``level`` blended in; return it."""
-    thumb = slide_thumbnail(slide_path, max_side, backend, mpp)
-    size0 = (int(tmap.attrs["level0_width"]), int(tmap.attrs["level0_height"]))
-    labels = upsample_labels(tmap.labels[level], tmap.cell_level0, size0, (thumb.shape[1], thumb.shape[0]))
-    colours = palette(int(labels.max()) + 1 if labels.size else 1)
+    """Write a PNG of the slide thumbnail with the map's ``level`` blended in; return it.
+
+    A map without cells (a failed slide's) gives a blank placeholder without reading the slide.
+    """
+    if tmap.labels[level].size == 0:
+        thumb = np.full((64, 64, 3), 255, dtype=np.uint8)
+    else:
+        thumb = slide_thumbnail(slide_path, max_side, backend, mpp)
+    if tmap.labels[level].size == 0:
+        labels = np.zeros(thumb.shape[:2], dtype=np.uint16)
+    else:
+        size0 = (int(tmap.attrs["level0_width"]), int(tmap.attrs["level0_height"]))
+        labels = upsample_labels(tmap.labels[level], tmap.cell_level0, size0, (thumb.shape[1], thumb.shape[0]))
+    colours = palette(max(int(labels.max()) + 1 if labels.size else 1, int(tmap.attrs.get("num_labels", 1))))
     out = thumb.astype(np.float32)
     fg = labels > 0
     out[fg] = (1 - alpha) * out[fg] + alpha * colours[labels[fg]]

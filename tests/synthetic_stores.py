@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from histopipe.paths import tiling_id
+from histopipe.tiling import write_tile_store as write_tile_store_
 
 
 def grid_coords(rows: int, cols: int, stride: int, origin: tuple[int, int] = (0, 0), keep: np.ndarray | None = None) -> np.ndarray:
@@ -20,22 +22,19 @@ def grid_coords(rows: int, cols: int, stride: int, origin: tuple[int, int] = (0,
 
 def write_tile_store(
     path: Path, coords: np.ndarray, *, slide_id: str, width: int, height: int, tile_size: int = 256,
-    slide_path: str = "", slide_mpp: float = 0.5, target_mpp: float = 0.5, read_level: int = 0,
+    slide_path: str | Path = "", slide_mpp: float = 0.5, target_mpp: float = 0.5, read_level: int = 0,
 ) -> Path:
-    """A tile store as histopipe.tiling writes it (no overlap, stride = tile size)."""
-    scale = target_mpp / slide_mpp
-    g = zarr.open_group(path, mode="w")
-    g.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-    g.create_array("tissue_fraction", data=np.ones(len(coords), dtype=np.float32))
-    g.attrs.update({
+    """A tile store with contract #1 attrs (no overlap: stride = tile size at level 0)."""
+    tile_l0 = tile_size * target_mpp / slide_mpp
+    attrs = {
         "slide_id": slide_id, "slide_path": str(slide_path), "backend": "openslide",
         "slide_mpp": slide_mpp, "target_mpp": target_mpp, "tile_size": tile_size, "overlap": 0,
-        "tile_size_level0": tile_size * scale, "stride_level0": tile_size * scale,
-        "read_level": read_level, "read_size": int(math.ceil(tile_size * scale)),
-        "level0_width": width, "level0_height": height, "n_tiles": len(coords),
-        "status": "ok" if len(coords) else "empty", "reason": "",
-        "tiling": f"mpp{target_mpp:g}_px{tile_size}",
-    })
+        "tile_size_level0": tile_l0, "stride_level0": tile_l0, "read_level": read_level,
+        "read_size": int(round(tile_l0)), "level0_width": width, "level0_height": height,
+        "n_tiles": len(coords), "status": "ok" if len(coords) else "empty", "reason": "",
+        "tiling": tiling_id(target_mpp, tile_size),
+    }
+    write_tile_store_(path, coords, np.ones(len(coords), dtype=np.float32), attrs)
     return path
 
 
