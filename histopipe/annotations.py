@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import shapely
 import tifffile
 from PIL import Image
 
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 TUMOUR_GROUPS = frozenset({"_0", "_1", "tumor", "tumour", "metastases", "metastasis"})
 EXCLUSION_GROUPS = frozenset({"_2", "exclusion", "normal", "non-tumor"})
 CAMELYON_NAMES = ["background", "normal", "tumor"]
-# Subsamples per cell side when rasterising polygons: the tumour decision uses the covered
-# area fraction of a cell (16 samples), not a single point.
-SUPERSAMPLE = 4
+# Samples per cell side when rasterising polygons: the tumour decision uses the covered
+# area fraction of a cell (64 samples), not a single point.
+SUPERSAMPLE = 8
 
 # PANDA label conventions (mask value -> name), selectable by name.
 LABEL_PRESETS: dict[str, list[str]] = {
@@ -92,21 +93,40 @@ def _group_kind(group: str, path: Path) -> str:
 
 
 def rasterize_polygons(polygons: list[np.ndarray], holes: list[np.ndarray], grid: TileGrid) -> np.ndarray:
-    """float32 (H, W): fraction of each map cell inside ``polygons`` minus ``holes``."""
+    """float32 (H, W): fraction of each map cell inside ``polygons`` minus ``holes``.
+
+    Estimated from SUPERSAMPLE² sample points per cell. OpenCV fills the samples on a
+    polygon's boundary too, which on average grows a shape by half a sample per edge;
+    every polygon is shrunk by that much first, so the fractions are unbiased. Rendered in
+    strips of cell rows, so memory stays bounded on fine grids.
+    """
     h, w = grid.shape
-    canvas = np.zeros((h * SUPERSAMPLE, w * SUPERSAMPLE), dtype=np.uint8)
+    out = np.zeros((h, w), dtype=np.float32)
     shift = 8  # fixed-point bits: vertices keep sub-sample precision
-    scale = SUPERSAMPLE / grid.cell_level0 * (1 << shift)
+    scale = SUPERSAMPLE / grid.cell_level0
+    # Sample centres sit at +0.5; OpenCV samples at integer positions, hence the offset.
+    polys = [r * scale - 0.5 for p in polygons for r in _shrunk(p, 0.5 / scale)]
+    cuts = [r * scale - 0.5 for p in holes for r in _shrunk(p, 0.5 / scale)]
+    strip = max(1, (32 << 20) // max(1, w * SUPERSAMPLE * SUPERSAMPLE))
+    for r0 in range(0, h, strip):
+        rows = min(strip, h - r0)
+        canvas = np.zeros((rows * SUPERSAMPLE, w * SUPERSAMPLE), dtype=np.uint8)
+        origin = np.array([0.0, r0 * SUPERSAMPLE])
+        for group, value in ((polys, 1), (cuts, 0)):
+            if group:
+                pts = [np.round((p - origin) * (1 << shift)).astype(np.int32) for p in group]
+                cv2.fillPoly(canvas, pts, value, lineType=cv2.LINE_8, shift=shift)
+        out[r0 : r0 + rows] = canvas.reshape(rows, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
+    return out
 
-    def fill(points: list[np.ndarray], value: int) -> None:
-        # Sample centres sit at +0.5; OpenCV samples at integer positions, hence the offset.
-        pts = [np.round((p - 0.5 * grid.cell_level0 / SUPERSAMPLE) * scale).astype(np.int32) for p in points if len(p) >= 3]
-        if pts:
-            cv2.fillPoly(canvas, pts, value, lineType=cv2.LINE_8, shift=shift)
 
-    fill(polygons, 1)
-    fill(holes, 0)
-    return canvas.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
+def _shrunk(points: np.ndarray, distance: float) -> list[np.ndarray]:
+    """Outer rings (P, 2) of a polygon eroded by ``distance`` (self-intersections repaired)."""
+    if len(points) < 3:
+        return []
+    geom = shapely.make_valid(shapely.Polygon(points)).buffer(-distance, join_style="mitre")
+    parts = geom.geoms if hasattr(geom, "geoms") else [geom]
+    return [np.asarray(g.exterior.coords) for g in parts if g.geom_type == "Polygon" and not g.is_empty]
 
 
 def camelyon_map(xml_path: str | Path, grid: TileGrid) -> np.ndarray:
@@ -132,12 +152,11 @@ def read_label_mask(path: str | Path, min_shape: tuple[int, int] = (0, 0)) -> np
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tf:
-                candidates = list(tf.series[0].levels)
-                if len(candidates) == 1 and len(tf.pages) > 1:
-                    candidates = [p for p in tf.pages if getattr(p, "shape", None) and len(p.shape) >= 2]
-                candidates.sort(key=lambda p: p.shape[0] * p.shape[1])
-                chosen = next((p for p in candidates if p.shape[0] >= min_shape[0] and p.shape[1] >= min_shape[1]), candidates[-1])
+                chosen = _pick_level(tf, min_shape)
                 arr = chosen.asarray()
+                axes = chosen.axes
+            if "S" in axes and axes.index("S") < axes.index("Y"):
+                arr = np.moveaxis(arr, axes.index("S"), -1)  # planar -> channels last
         else:
             with Image.open(path) as im:
                 arr = np.asarray(im)
@@ -146,11 +165,30 @@ def read_label_mask(path: str | Path, min_shape: tuple[int, int] = (0, 0)) -> np
     except Exception as err:
         raise HistopipeError(f"{path}: cannot read label mask: {err}") from None
     if arr.ndim == 3:
-        # Channels last (RGB) unless the first axis is the small one (planar TIFF).
-        arr = arr[0] if arr.shape[0] <= 4 and arr.shape[-1] > 4 else arr[..., 0]
+        arr = arr[..., 0]
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise HistopipeError(f"{path}: label mask must hold integer labels in its first channel, got {arr.dtype} {arr.shape}")
     return arr
+
+
+def _yx(level) -> tuple[int, int]:
+    axes = level.axes
+    return int(level.shape[axes.index("Y")]), int(level.shape[axes.index("X")])
+
+
+def _pick_level(tf: tifffile.TiffFile, min_shape: tuple[int, int]):
+    """The coarsest pyramid level of the first image that is at least ``min_shape``.
+
+    Levels are gathered from every series (tifffile does not always group reduced pages
+    into one pyramid) and kept when they have the first image's aspect ratio, which leaves
+    out label and macro images."""
+    levels = [lvl for series in tf.series for lvl in series.levels if "Y" in lvl.axes and "X" in lvl.axes]
+    if not levels:
+        raise HistopipeError(f"{tf.filehandle.path}: no image in the TIFF")
+    h0, w0 = _yx(levels[0])
+    same = [lvl for lvl in levels if abs(_yx(lvl)[1] / _yx(lvl)[0] - w0 / h0) <= 0.02 * w0 / h0]
+    same.sort(key=lambda lvl: _yx(lvl)[0] * _yx(lvl)[1])
+    return next((lvl for lvl in same if _yx(lvl)[0] >= min_shape[0] and _yx(lvl)[1] >= min_shape[1]), same[-1])
 
 
 def mask_map(mask_path: str | Path, grid: TileGrid, tolerance: float = 0.02) -> np.ndarray:

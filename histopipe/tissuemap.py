@@ -291,7 +291,7 @@ def map_geojson(tmap: TissueMap, level: int = 0) -> dict:
     labels2d = tmap.labels[level]
     size0 = (int(tmap.attrs["level0_width"]), int(tmap.attrs["level0_height"]))
     names = _level_names(tmap, level)
-    colours = palette(max(len(names), int(labels2d.max()) + 1))
+    colours = palette(max(len(names), int(labels2d.max()) + 1 if labels2d.size else 1))
     features = []
     for label in np.unique(labels2d):
         if label == 0:

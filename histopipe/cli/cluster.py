@@ -12,6 +12,8 @@ from histopipe.config import json_overrides, load_config, section
 from histopipe.errors import ConfigError, HistopipeError
 
 log = logging.getLogger(__name__)
+# faiss logs at INFO which CPU instruction set it loads; not worth a line per command.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 BACKENDS = ["auto", "openslide", "tiffslide"]
 
