@@ -22,8 +22,9 @@ import zarr
 from shapely.geometry import box, mapping
 
 from histopipe.atomic import atomic_path, atomic_write_text
-from histopipe.clustering import ClusterModel, store_info
+from histopipe.clustering import ClusterModel
 from histopipe.errors import HistopipeError
+from histopipe.sampling import store_info
 from histopipe.slides import open_slide
 from histopipe.tiling import TileStore
 

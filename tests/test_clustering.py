@@ -7,18 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from histopipe.clustering import (
-    ClusterConfig,
-    ClusterModel,
+from histopipe.clustering import ClusterConfig, ClusterModel, fit, resplit, ward_level_luts
+from histopipe.errors import ConfigError, HistopipeError
+from histopipe.sampling import (
     diversity_sample,
-    fit,
     normalize_rows,
-    resplit,
+    read_rows,
     sample_cohort,
     slide_quotas,
-    ward_level_luts,
 )
-from histopipe.errors import ConfigError, HistopipeError
 from tests.synthetic_stores import blobs, grid_coords, write_embedding_store
 
 DIM = 24
@@ -97,7 +94,7 @@ def test_diversity_sample_covers_rare_modes_and_is_deterministic(tmp_path):
 
 
 def test_cohort_sample_respects_caps(cohort):
-    sample = sample_cohort(cohort, CFG)
+    sample = sample_cohort(cohort, CFG.per_slide_cap, CFG.total_cap, CFG.seed, CFG.normalize)
     per_slide = np.bincount(sample.slide_index, minlength=len(cohort))
     assert len(sample.features) == per_slide.sum() <= CFG.total_cap
     assert np.all(per_slide <= CFG.per_slide_cap)
@@ -107,8 +104,6 @@ def test_cohort_sample_respects_caps(cohort):
     np.testing.assert_allclose(np.linalg.norm(sample.features, axis=1), 1.0, rtol=1e-5)
     # Each kept row is that slide's row: compare with the store itself.
     s0 = sample.slide_index == 0
-    from histopipe.clustering import read_rows
-
     np.testing.assert_array_equal(sample.features[s0], read_rows(cohort[0], sample.rows[s0], "l2"))
 
 
