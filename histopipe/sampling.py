@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,9 +34,10 @@ BLOCK_ROWS = 4096
 # nearly preserved (Johnson–Lindenstrauss) and the per-slide k-means becomes ~25x cheaper
 # than in a 1536-dim space, which matters when thousands of slides are sampled in turn.
 SAMPLE_DIM = 64
-# Points per centroid for the per-slide sampling k-means, and its iterations.
+# Points per centroid for the per-slide sampling k-means, and its iterations (few are
+# needed after k-means++ seeding: the point is coverage, not a converged clustering).
 SAMPLE_POINTS_PER_CENTROID = 20
-SAMPLE_NITER = 10
+SAMPLE_NITER = 5
 
 
 # --- reading embedding stores ------------------------------------------------------------
@@ -160,17 +162,19 @@ def kmeans_pp_seeds(x: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarr
     proportional to its squared distance to the seeds so far. Unlike faiss's uniform
     initialisation, rare but distinct modes get a seed with high probability."""
     n = len(x)
+    x = np.asarray(x, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", x, x)  # |x|^2 once: each step is then one mat-vec product
     seeds = np.empty(m, dtype=np.int64)
     seeds[0] = rng.integers(n)
-    d2 = ((x - x[seeds[0]]) ** 2).sum(axis=1, dtype=np.float64)
+    d2 = np.maximum(sq + sq[seeds[0]] - 2 * (x @ x[seeds[0]]), 0).astype(np.float64)
     for j in range(1, m):
-        total = d2.sum()
-        if total <= 0:  # fewer distinct points than seeds: fill with unused rows
+        cum = np.cumsum(d2)
+        if cum[-1] <= 0:  # fewer distinct points than seeds: fill with unused rows
             rest = np.setdiff1d(np.arange(n), seeds[:j])
             seeds[j:] = rng.choice(rest, m - j, replace=False)
             break
-        seeds[j] = min(int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right")), n - 1)
-        d2 = np.minimum(d2, ((x - x[seeds[j]]) ** 2).sum(axis=1, dtype=np.float64))
+        seeds[j] = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), n - 1)
+        np.minimum(d2, np.maximum(sq + sq[seeds[j]] - 2 * (x @ x[seeds[j]]), 0), out=d2)
     return seeds
 
 
@@ -224,7 +228,10 @@ def sample_cohort(
     slide_index = np.empty(len(features), dtype=np.int32)
     rows = np.empty(len(features), dtype=np.int64)
     if workers > 1:
-        pool = ProcessPoolExecutor(workers)
+        # spawn, not fork: faiss's OpenMP runtime is not safe to use in a forked child.
+        threads = max(1, faiss.omp_get_max_threads() // workers)  # no oversubscription
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=faiss.omp_set_num_threads, initargs=(threads,))
         results: Iterator = pool.map(_sample_one, jobs, chunksize=4)
     else:
         pool = None

@@ -105,6 +105,10 @@ def test_cohort_sample_respects_caps(cohort):
     # Each kept row is that slide's row: compare with the store itself.
     s0 = sample.slide_index == 0
     np.testing.assert_array_equal(sample.features[s0], read_rows(cohort[0], sample.rows[s0], "l2"))
+    # Slides sampled by parallel worker processes: the same sample.
+    parallel = sample_cohort(cohort, CFG.per_slide_cap, CFG.total_cap, CFG.seed, CFG.normalize, workers=2)
+    np.testing.assert_array_equal(parallel.features, sample.features)
+    np.testing.assert_array_equal(parallel.rows, sample.rows)
 
 
 def test_fit_is_deterministic_and_records_metadata(cohort, model):
