@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import zarr
 
-from histopipe.clustering import ClusterConfig, ClusterModel, kmeans, resplit, ward_level_luts
+from histopipe.clustering import ClusterModel, kmeans, resplit, ward_level_luts
 from histopipe.sampling import diversity_sample, normalize_rows
 
 

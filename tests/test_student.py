@@ -55,7 +55,7 @@ def test_split_slides_by_whole_slides():
     train, val = split_slides(ids, 0.2, seed=1)
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(ids)
     assert split_slides(ids, 0.2, seed=1) == (train, val)
-    assert split_slides(["a", "b"], 0.01, 0) [1] and split_slides(["a"], 0.5, 0) == (["a"], [])
+    assert split_slides(["a", "b"], 0.01, 0)[1] and split_slides(["a"], 0.5, 0) == (["a"], [])
 
 
 def test_student_agrees_with_kmeans_on_held_out_slide(trained):
