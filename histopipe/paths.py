@@ -45,6 +45,22 @@ ANNOTATION_MAP = "{results}/maps/annotation/{tiling}/{slide}.zarr"
 ANNOTATION_MAP_PNG = "{results}/maps/annotation/{tiling}/{slide}.png"
 ANNOTATION_MAP_GEOJSON = "{results}/maps/annotation/{tiling}/{slide}.geojson"
 
+# Training-patch dataset (contract #4). {dataset} names the map source and the patch
+# setting, e.g. "<encoder>_<tiling>_k<k>_" + patches_id(...) or "annotation_" + patches_id(...).
+SLIDE_PATCHES = "{results}/dataset/{dataset}/slides/{slide}.zarr"
+DATASET = "{results}/dataset/{dataset}/patches.zarr"
+DATASET_INFO = "{results}/dataset/{dataset}/info.json"
+CROP_BANK = "{results}/dataset/{dataset}/crop_bank.zarr"
+
+
+def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> str:
+    """Name of a patch setting, e.g. ``mpp0.5_px512`` or ``mpp0.5_px512_out256``."""
+    pid = f"mpp{_fmt(mpp)}_px{int(patch_size)}"
+    if output_size and int(output_size) != int(patch_size):
+        pid += f"_out{int(output_size)}"
+    return pid
+
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 LOG = "{results}/logs/{rule}/{name}.log"

@@ -142,6 +142,9 @@ def test_cli_annotation_map_with_views(cmu_slide, tmp_path):
     assert r.returncode == 0, r.stderr
     tmap = read_map(tmp_path / "m.zarr")
     assert (tmap.labels[0] == 2).sum() == 16 and tmap.attrs["source"] == "annotation"
+    from histopipe.maps_io import read_map_store
+
+    assert read_map_store(tmp_path / "m.zarr").label_names == ["background", "normal", "tumor"]
     feats = json.loads((tmp_path / "m.geojson").read_text())["features"]
     assert [f["properties"]["classification"]["name"] for f in feats] == ["normal", "tumor"]
     assert Image.open(tmp_path / "m.png").size[1] == 300

@@ -81,6 +81,11 @@ def test_map_raster_matches_tile_grid(tmap, model, embeddings, tiles, tmp_path):
     assert a["cell_level0"] == pytest.approx(cell) and len(a["label_names"]) == 5 and a["label_names"][0] == "background"
     assert np.array(a["level_luts"]).shape == (2, 5)
     np.testing.assert_array_equal(back.tile_labels(grid), types + 1)
+    # the patch stage's reader accepts it, level LUTs included
+    from histopipe.maps_io import read_map_store
+
+    store = read_map_store(tmp_path / "m.zarr")
+    np.testing.assert_array_equal(store.level_luts[1][back.labels[0]], back.labels[1])
 
 
 def test_geojson_parses_and_polygons_lie_within_slide(tmap, tmp_path):

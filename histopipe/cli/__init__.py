@@ -22,6 +22,7 @@ COMMANDS = (
     "histopipe.cli.demo",
     "histopipe.cli.slides",
     "histopipe.cli.cluster",
+    "histopipe.cli.dataset",
 )
 
 
