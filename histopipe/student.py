@@ -6,8 +6,9 @@ held-out sets, and agreement with the k-means types (accuracy) on the held-out s
 reported at every level of the hierarchy (a prediction agrees at a coarse level when it
 falls in the same coarse type).
 
-A saved student is a folder: ``model.safetensors`` and ``student.json`` (architecture,
-classes, input size, normalisation, level LUTs, label names, metrics).
+A saved student is a folder: ``model.safetensors``, ``student.json`` (architecture,
+classes, input size, normalisation, level LUTs, label names, metrics) and, once evaluated,
+``metrics.json`` (agreement with the k-means types on held-out slides, per level).
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class StudentModel:
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, tmp / "model.safetensors")
             (tmp / "student.json").write_text(json.dumps(self.meta, indent=1) + "\n")
+            if "metrics" in self.meta:
+                (tmp / "metrics.json").write_text(json.dumps(self.meta["metrics"], indent=1) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> StudentModel:

@@ -71,7 +71,7 @@ def test_student_agrees_with_kmeans_on_held_out_slide(trained):
 def test_saved_student_predicts_the_same_map(trained, cohort, tmp_path):
     student, _ = trained
     student.save(tmp_path / "student")
-    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["model.safetensors", "student.json"]
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["metrics.json", "model.safetensors", "student.json"]
     loaded = StudentModel.load(tmp_path / "student")
     tiles = cohort[1][1][1]
     a, b = student.predict_store(tiles), loaded.predict_store(tiles)

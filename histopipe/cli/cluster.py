@@ -240,9 +240,6 @@ def _pairs(args: argparse.Namespace, what: str) -> list[tuple[Path, Path]]:
 
 
 def run_train_student(args: argparse.Namespace) -> int:
-    import json
-
-    from histopipe.atomic import atomic_write_text
     from histopipe.student import StudentConfig, train_student
 
     cfg = load_config(args.config, json_overrides(args.config_json))
@@ -252,7 +249,6 @@ def run_train_student(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int(cfg["clustering"]["seed"])
     student, metrics = train_student(_pairs(args, "train-student"), student_cfg, seed)
     student.save(args.out)
-    atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     print(f"student {student.meta['architecture']}: agreement {metrics['agreement']} on {metrics['val_tiles']} held-out tiles "
           f"({metrics['val_slides']} slides), per level {metrics['agreement_per_level']} -> {args.out}")
     return 0
