@@ -82,6 +82,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return validate(cfg, CONFIG_SCHEMA, str(path) if path else "config")
 
 
+def json_overrides(text: str | None) -> dict | None:
+    """Parse a ``--config-json`` argument (config sections as a JSON object)."""
+    if not text:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config-json: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--config-json: expected a JSON object")
+    return value
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -22,15 +22,16 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
-# Per-slide tiling outputs.
+SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+# Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
+# overlay), {slide}.grid.png (kept tiles) and {slide}.tissue.geojson (QuPath annotations).
 TILES = "{results}/tiles/{tiling}/{slide}.zarr"
-TISSUE_GEOJSON = "{results}/tiles/{tiling}/{slide}.tissue.geojson"
-TISSUE_PNG = "{results}/tiles/{tiling}/{slide}.tissue.png"
-GRID_PNG = "{results}/tiles/{tiling}/{slide}.grid.png"
+TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
+TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
-SLIDE_STATUS = "{results}/qc/status/{slide}.json"
 LOG = "{results}/logs/{rule}/{name}.log"
 BENCHMARK = "{results}/benchmarks/{rule}/{name}.tsv"
 
