@@ -106,13 +106,15 @@ def _worker_init(_: int) -> None:
     # One thread per worker: the workers are the parallelism; more threads only contend.
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    info = torch.utils.data.get_worker_info()
-    # A forked worker must open its own slide handle, never use the parent's.
-    info.dataset.source._reader = None
 
 
 def tile_loader(source: TileSource, transform: TileTransform, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """Batches of uint8 ``(B, 3, S, S)`` tiles in store order (no shuffling)."""
+    """Batches of uint8 ``(B, 3, S, S)`` tiles in store order (no shuffling).
+
+    Workers are spawned, not forked: a child forked from a process whose OpenCV (or
+    OpenMP) thread pool has run deadlocks on the pool's inherited locks, and callers (the
+    tiler, tests, notebooks) use OpenCV before embedding. Spawning costs ~1-3 s per call.
+    """
     return DataLoader(
         TileDataset(source, transform),
         batch_size=batch_size,
@@ -122,6 +124,7 @@ def tile_loader(source: TileSource, transform: TileTransform, batch_size: int, n
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
     )
 
 

@@ -19,7 +19,7 @@ from histopipe.encoders.registry import register
     hub_id="prov-gigapath/prov-gigapath",
     weights_files=("pytorch_model.bin",),
     weights_note="gated: log in, accept the licence on the model page",
-    params_m=1134.8,
+    params_m=1135.0,
     description="Prov-GigaPath tile encoder ViT-g/16, class token",
 )
 def prov_gigapath() -> dict:

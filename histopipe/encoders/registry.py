@@ -225,7 +225,15 @@ def _download(spec: EncoderSpec) -> Path:
 
 
 def build_model(spec: EncoderSpec, weights: ResolvedWeights = RANDOM_INIT) -> nn.Module:
-    """The timm model of ``spec`` (classifier removed) with ``weights`` loaded strictly."""
+    """The timm model of ``spec`` (classifier removed) with ``weights`` loaded strictly.
+
+    The checkpoint goes through timm's own loader (``pretrained_cfg_overlay``), so timm's
+    per-architecture checkpoint filter applies (e.g. original DINOv2 key names, position
+    embedding resizing). timm loads non-strictly whenever the model's class count differs
+    from its pretrained config's, which a headless model always does; declaring the
+    checkpoint headless (``num_classes=0``, classifier tensors dropped) keeps the load
+    strict, so a checkpoint of another model fails instead of leaving layers random.
+    """
     import timm
 
     kwargs = spec.timm_kwargs()
@@ -233,18 +241,31 @@ def build_model(spec: EncoderSpec, weights: ResolvedWeights = RANDOM_INIT) -> nn
         return timm.create_model(spec.architecture, pretrained=False, **kwargs)
     try:
         if spec.convert_checkpoint is not None:
-            overlay = {"state_dict": spec.convert_checkpoint(weights.path)}
+            state = spec.convert_checkpoint(weights.path)
         else:
-            overlay = {"file": str(weights.path)}
+            state = timm.models.load_state_dict(str(weights.path))
+        if kwargs["num_classes"] == 0:
+            state = _drop_classifier(state, spec.architecture)
+        overlay = {"state_dict": state, "num_classes": kwargs["num_classes"]}
         return timm.create_model(spec.architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except WeightsError:
         raise
-    except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch/safetensors/timm raise many types for a bad file
+        text = str(err).strip()
+        first = text.splitlines()[0][:400] if text else type(err).__name__
         raise WeightsError(
             f"{weights.path}: cannot load as weights of encoder {spec.name!r} "
             f"(timm {spec.architecture}): {first}"
         ) from None
+
+
+def _drop_classifier(state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    names = timm.models.get_pretrained_cfg_value(architecture, "classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    drop = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+    return {k: v for k, v in state.items() if k not in drop}
 
 
 class TileTransform:
