@@ -22,6 +22,11 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
+def encoder_id(name: str) -> str:
+    """Path-safe name of an encoder: ``timm:resnet50`` → ``timm-resnet50``."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 # Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
@@ -29,6 +34,10 @@ SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TILES = "{results}/tiles/{tiling}/{slide}.zarr"
 TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
 TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
+
+# Per-slide embeddings of the tiles (features (N, D), coords (N, 2)); {encoder} is the
+# registry name through encoder_id(), e.g. efficientnet_lite0, uni or timm-resnet50.
+EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
 
 # Tissue types. One cluster model per encoder, tiling and k (or the config's
 # clustering.model when a cohort is reprocessed with existing types); maps per slide
@@ -59,7 +68,6 @@ def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> s
     if output_size and int(output_size) != int(patch_size):
         pid += f"_out{int(output_size)}"
     return pid
-
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"

@@ -21,6 +21,7 @@ from histopipe.errors import HistopipeError
 COMMANDS = (
     "histopipe.cli.demo",
     "histopipe.cli.slides",
+    "histopipe.cli.embed",
     "histopipe.cli.cluster",
     "histopipe.cli.dataset",
 )
