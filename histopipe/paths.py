@@ -28,6 +28,16 @@ TISSUE_GEOJSON = "{results}/tiles/{tiling}/{slide}.tissue.geojson"
 TISSUE_PNG = "{results}/tiles/{tiling}/{slide}.tissue.png"
 GRID_PNG = "{results}/tiles/{tiling}/{slide}.grid.png"
 
+# Evaluation of one dataset's synthetic variants (`variant` as in config evaluation.variants;
+# `mode` is real | synthetic | both, the data DeepLabv3+ is trained on; the `real` baseline
+# is variant "real" in mode "real").
+EVAL_DISTRIBUTION = "{results}/evaluation/{dataset}/distribution/{variant}.json"
+EVAL_DISTRIBUTION_TSV = "{results}/evaluation/{dataset}/distribution/{variant}.tsv"
+EVAL_SEGMENTATION = "{results}/evaluation/{dataset}/segmentation/{mode}/{variant}.json"
+EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
+ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
+ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 SLIDE_STATUS = "{results}/qc/status/{slide}.json"

@@ -19,6 +19,7 @@ from histopipe.errors import HistopipeError
 
 # Stage modules, in pipeline order.
 COMMANDS = (
+    "histopipe.cli.evaluate",
 )
 
 
