@@ -22,11 +22,29 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
-# Per-slide tiling outputs.
+SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+# Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
+# overlay), {slide}.grid.png (kept tiles) and {slide}.tissue.geojson (QuPath annotations).
 TILES = "{results}/tiles/{tiling}/{slide}.zarr"
-TISSUE_GEOJSON = "{results}/tiles/{tiling}/{slide}.tissue.geojson"
-TISSUE_PNG = "{results}/tiles/{tiling}/{slide}.tissue.png"
-GRID_PNG = "{results}/tiles/{tiling}/{slide}.grid.png"
+TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
+TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
+
+# Training-patch dataset (contract #4). {dataset} names the map source and the patch
+# setting, e.g. "<encoder>_<tiling>_k<k>_" + patches_id(...) or "annotation_" + patches_id(...).
+SLIDE_PATCHES = "{results}/dataset/{dataset}/slides/{slide}.zarr"
+DATASET = "{results}/dataset/{dataset}/patches.zarr"
+DATASET_INFO = "{results}/dataset/{dataset}/info.json"
+CROP_BANK = "{results}/dataset/{dataset}/crop_bank.zarr"
+
+
+def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> str:
+    """Name of a patch setting, e.g. ``mpp0.5_px512`` or ``mpp0.5_px512_out256``."""
+    pid = f"mpp{_fmt(mpp)}_px{int(patch_size)}"
+    if output_size and int(output_size) != int(patch_size):
+        pid += f"_out{int(output_size)}"
+    return pid
+
 
 # Evaluation of one dataset's synthetic variants (`variant` as in config evaluation.variants;
 # `mode` is real | synthetic | both, the data DeepLabv3+ is trained on; the `real` baseline
@@ -40,7 +58,6 @@ ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
-SLIDE_STATUS = "{results}/qc/status/{slide}.json"
 LOG = "{results}/logs/{rule}/{name}.log"
 BENCHMARK = "{results}/benchmarks/{rule}/{name}.tsv"
 

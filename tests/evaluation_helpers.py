@@ -37,13 +37,18 @@ def toy_patches(n: int, size: int, rng: np.random.Generator, colours=COLOURS):
 
 def write_patch_store(path: Path, images: np.ndarray, maps: np.ndarray, split: np.ndarray,
                       num_labels: int = 3) -> Path:
-    group = zarr.open_group(str(path), mode="w")
+    """A patch store written by the dataset stage's own writer (contract #4), no crops."""
+    from histopipe.dataset import PatchStoreWriter
+
     n, s = images.shape[:2]
-    group.create_array("images", data=images, chunks=(1, s, s, 3))
-    group.create_array("maps", data=maps.astype(np.uint16), chunks=(1, s, s))
-    group.create_array("split", data=np.asarray(split, np.uint8))
-    group.attrs.update({"patch_size": s, "num_labels": num_labels,
-                        "label_names": ["background", "stroma", "tumour"][:num_labels]})
+    writer = PatchStoreWriter(zarr.open_group(str(path), mode="w"), n, s, max_crops=1)
+    for i in range(n):
+        writer.add(images[i], maps[i].astype(np.uint16), np.zeros((1, 3), np.int32),
+                   np.zeros(1, np.uint16), np.zeros(1, bool), (0, 64 * i), f"slide{i % 4}",
+                   int(split[i]))
+    names = ["background", "stroma", "tumour"][:num_labels]
+    writer.finish(np.arange(num_labels, dtype=np.int32)[None],
+                  {"patch_size": s, "num_labels": num_labels, "label_names": names})
     return path
 
 

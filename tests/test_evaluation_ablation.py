@@ -7,14 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from evaluation_helpers import (
-    one_thread,
-    run_cli,
-    tiny_factory,
-    toy_patches,
-    write_patch_store,
-    write_synthetic_store,
-)
 from PIL import Image
 
 from histopipe.errors import HistopipeError
@@ -37,6 +29,14 @@ from histopipe.evaluation.figures import (
 from histopipe.evaluation.outputs import write_json
 from histopipe.evaluation.segmentation import evaluate_segmentation
 from histopipe.evaluation.settings import EvaluationSettings, SegmentationSettings
+from tests.evaluation_helpers import (
+    one_thread,
+    run_cli,
+    tiny_factory,
+    toy_patches,
+    write_patch_store,
+    write_synthetic_store,
+)
 
 # The published Camelyon16 numbers (core paper) as metric files of the pipeline's shape.
 PAPER = {  # variant: (FD ResNet50-BT, FD DINOv2, mIoU synthetic only)

@@ -8,13 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from evaluation_helpers import (
-    one_thread,
-    run_cli,
-    toy_patches,
-    write_patch_store,
-    write_synthetic_store,
-)
 
 from histopipe.errors import HistopipeError, WeightsError
 from histopipe.evaluation.segmentation import (
@@ -23,6 +16,13 @@ from histopipe.evaluation.segmentation import (
     segmentation_scores,
 )
 from histopipe.evaluation.settings import EvaluationSettings, SegmentationSettings
+from tests.evaluation_helpers import (
+    one_thread,
+    run_cli,
+    toy_patches,
+    write_patch_store,
+    write_synthetic_store,
+)
 
 
 @pytest.fixture

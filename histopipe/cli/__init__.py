@@ -19,6 +19,9 @@ from histopipe.errors import HistopipeError
 
 # Stage modules, in pipeline order.
 COMMANDS = (
+    "histopipe.cli.demo",
+    "histopipe.cli.slides",
+    "histopipe.cli.dataset",
     "histopipe.cli.evaluate",
 )
 
