@@ -77,12 +77,11 @@ def evaluate_distribution(
         log.info("%s: %s FD %.2f precision %.3f recall %.3f", variant, name, fd,
                  manifold.precision, manifold.recall)
         del encoder
-    syn_attrs = {k: synthetic.attrs[k] for k in ("variant", "seed", "guidance") if k in synthetic.attrs}
     return {
         "kind": "distribution",
         "variant": variant,
         "real": real.describe(),
-        "synthetic": {**synthetic.describe(), "attrs": syn_attrs},
+        "synthetic": synthetic.describe(),
         "seed": settings.seed,
         "knn_k": settings.knn_k,
         "max_samples": settings.max_samples,

@@ -127,12 +127,17 @@ class ImageSet:
             yield group["images"].oindex[self.indices[start : start + batch_size]]
 
     def describe(self) -> dict:
-        return {
+        """Path, split and counts, plus the synthesis attributes a synthetic store carries."""
+        out = {
             "path": str(self.path),
             "split": self.split,
             "n_available": int(self.n_available),
             "n_used": len(self),
         }
+        synthesis = {k: self.attrs[k] for k in ("variant", "seed", "guidance") if k in self.attrs}
+        if synthesis:
+            out["attrs"] = synthesis
+        return out
 
 
 def embed_set(
