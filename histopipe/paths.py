@@ -69,6 +69,17 @@ def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> s
         pid += f"_out{int(output_size)}"
     return pid
 
+
+# Evaluation of one dataset's synthetic variants (`variant` as in config evaluation.variants;
+# `mode` is real | synthetic | both, the data DeepLabv3+ is trained on; the `real` baseline
+# is variant "real" in mode "real").
+EVAL_DISTRIBUTION = "{results}/evaluation/{dataset}/distribution/{variant}.json"
+EVAL_DISTRIBUTION_TSV = "{results}/evaluation/{dataset}/distribution/{variant}.tsv"
+EVAL_SEGMENTATION = "{results}/evaluation/{dataset}/segmentation/{mode}/{variant}.json"
+EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
+ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
+ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 LOG = "{results}/logs/{rule}/{name}.log"

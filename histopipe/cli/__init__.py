@@ -24,6 +24,7 @@ COMMANDS = (
     "histopipe.cli.embed",
     "histopipe.cli.cluster",
     "histopipe.cli.dataset",
+    "histopipe.cli.evaluate",
 )
 
 
