@@ -68,6 +68,9 @@ class Cohort:
     def embedding_stores(self) -> list[str]:
         return self._each(paths.EMBEDDINGS, encoder=self.encoder, tiling=self.tiling_id)
 
+    def cluster_samples(self) -> list[str]:
+        return self._each(paths.CLUSTER_SAMPLE, encoder=self.encoder, tiling=self.tiling_id)
+
     def cluster_name(self) -> str:
         return f"{self.encoder}/{self.tiling_id}/k{self.k}"
 

@@ -182,9 +182,12 @@ def test_full_demo_workflow_then_new_slide_with_existing_tissue_types(tmp_path, 
     new = [e for e in read_sheet(demo_cohort) if e.slide_id == "cmu1_mosaic_40x"][0]
     with open(sheet, "a") as fh:
         fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
+    reuse = tmp_path / "reuse.yaml"
+    reuse.write_text(f"clustering:\n  model: {model}\n")
     r = snakemake(tmp_path, "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}",
-                  f"clustering={{'k': 8, 'levels': [2, 4, 8], 'model': '{model}'}}")
+                  extra_configs=(reuse,))
     counts = _job_counts(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts.get("tile_slide") == 1 and counts.get("embed_tiles") == 1 and counts.get("map_tissue_types") == 1
-    assert counts.get("extract_patches") == 1 and "fit_kmeans" not in counts
+    assert counts.get("extract_patches") == 1
+    assert "fit_kmeans" not in counts and "sample_embeddings" not in counts
