@@ -22,6 +22,11 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
+def encoder_id(name: str) -> str:
+    """Path-safe name of an encoder: ``timm:resnet50`` → ``timm-resnet50``."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 # Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
@@ -29,6 +34,51 @@ SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TILES = "{results}/tiles/{tiling}/{slide}.zarr"
 TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
 TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
+
+# Per-slide embeddings of the tiles (features (N, D), coords (N, 2)); {encoder} is the
+# registry name through encoder_id(), e.g. efficientnet_lite0, uni or timm-resnet50.
+EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
+
+# Tissue types. One cluster model per encoder, tiling and k (or the config's
+# clustering.model when a cohort is reprocessed with existing types); maps per slide
+# (contract #3) with a PNG overlay and QuPath GeoJSON beside each. Annotated slides get
+# their map from the annotation instead (same grid, no encoder or k in the path).
+CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
+CLUSTER_MODEL = CLUSTER_DIR + "/model"
+CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"
+STUDENT_MODEL = CLUSTER_DIR + "/student"
+TISSUE_MAP = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.zarr"
+TISSUE_MAP_PNG = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.png"
+TISSUE_MAP_GEOJSON = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.geojson"
+ANNOTATION_MAP = "{results}/maps/annotation/{tiling}/{slide}.zarr"
+ANNOTATION_MAP_PNG = "{results}/maps/annotation/{tiling}/{slide}.png"
+ANNOTATION_MAP_GEOJSON = "{results}/maps/annotation/{tiling}/{slide}.geojson"
+
+# Training-patch dataset (contract #4). {dataset} names the map source and the patch
+# setting, e.g. "<encoder>_<tiling>_k<k>_" + patches_id(...) or "annotation_" + patches_id(...).
+SLIDE_PATCHES = "{results}/dataset/{dataset}/slides/{slide}.zarr"
+DATASET = "{results}/dataset/{dataset}/patches.zarr"
+DATASET_INFO = "{results}/dataset/{dataset}/info.json"
+CROP_BANK = "{results}/dataset/{dataset}/crop_bank.zarr"
+
+
+def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> str:
+    """Name of a patch setting, e.g. ``mpp0.5_px512`` or ``mpp0.5_px512_out256``."""
+    pid = f"mpp{_fmt(mpp)}_px{int(patch_size)}"
+    if output_size and int(output_size) != int(patch_size):
+        pid += f"_out{int(output_size)}"
+    return pid
+
+
+# Evaluation of one dataset's synthetic variants (`variant` as in config evaluation.variants;
+# `mode` is real | synthetic | both, the data DeepLabv3+ is trained on; the `real` baseline
+# is variant "real" in mode "real").
+EVAL_DISTRIBUTION = "{results}/evaluation/{dataset}/distribution/{variant}.json"
+EVAL_DISTRIBUTION_TSV = "{results}/evaluation/{dataset}/distribution/{variant}.tsv"
+EVAL_SEGMENTATION = "{results}/evaluation/{dataset}/segmentation/{mode}/{variant}.json"
+EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
+ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
+ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"

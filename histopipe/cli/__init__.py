@@ -21,6 +21,10 @@ from histopipe.errors import HistopipeError
 COMMANDS = (
     "histopipe.cli.demo",
     "histopipe.cli.slides",
+    "histopipe.cli.embed",
+    "histopipe.cli.cluster",
+    "histopipe.cli.dataset",
+    "histopipe.cli.evaluate",
 )
 
 

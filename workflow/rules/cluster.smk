@@ -1,0 +1,94 @@
+rule fit_kmeans:
+    input:
+        emb=COHORT.embedding_stores(),
+    output:
+        model=directory(COHORT.fitted_cluster_model()),
+    params:
+        args=["fit-clusters", "--config-json", config_json("clustering"), "--out", COHORT.fitted_cluster_model()],
+        list_inputs=["emb"],
+        list_flag="--list",
+    log:
+        paths.LOG.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name()),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name())
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=240,
+    script:
+        "../scripts/histopipe_list.py"
+
+
+rule map_tissue_types:
+    input:
+        model=COHORT.cluster_model(),
+        emb=paths.EMBEDDINGS.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}"),
+        tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
+    output:
+        map=directory(paths.TISSUE_MAP.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}")),
+        png=paths.TISSUE_MAP_PNG.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+        geojson=paths.TISSUE_MAP_GEOJSON.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+    log:
+        paths.LOG.format(results=R, rule="map_tissue_types", name=COHORT.cluster_name() + "/{slide}"),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "histopipe assign-clusters {input.model:q} {input.emb:q} {input.tiles:q} --out {output.map:q} "
+        "--png {output.png:q} --geojson {output.geojson:q} > {log:q} 2>&1"
+
+
+rule map_annotation:
+    input:
+        slide=slide_path,
+        annotation=annotation_path,
+        tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
+    output:
+        map=directory(paths.ANNOTATION_MAP.format(results=R, tiling=TILING, slide="{slide}")),
+        png=paths.ANNOTATION_MAP_PNG.format(results=R, tiling=TILING, slide="{slide}"),
+        geojson=paths.ANNOTATION_MAP_GEOJSON.format(results=R, tiling=TILING, slide="{slide}"),
+    params:
+        labels=config["labels"]["annotation_labels"],
+    log:
+        paths.LOG.format(results=R, rule="map_annotation", name=TILING + "/{slide}"),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "histopipe annotation-map {input.slide:q} {input.annotation:q} --tiles {input.tiles:q} "
+        "--labels {params.labels:q} --out {output.map:q} --png {output.png:q} "
+        "--geojson {output.geojson:q} > {log:q} 2>&1"
+
+
+rule montage_tissue_types:
+    input:
+        maps=COHORT.map_stores(),
+        tiles=COHORT.tile_stores(),
+    output:
+        png=report(
+            paths.CLUSTER_MONTAGE.format(results=R, encoder=ENCODER, tiling=TILING, k=K),
+            caption="../report/montage.rst",
+            category="Tissue types",
+        ),
+    params:
+        args=lambda wildcards, output: ["cluster-montage", "--out", output.png],
+        list_inputs=["maps", "tiles"],
+        list_flag="--list",
+    log:
+        paths.LOG.format(results=R, rule="montage_tissue_types", name=COHORT.cluster_name()),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/histopipe_list.py"
