@@ -10,6 +10,9 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/tiles.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/cluster.smk"
+include: "workflow/rules/dataset.smk"
 
 
 rule all:

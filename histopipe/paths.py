@@ -43,6 +43,9 @@ EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
 # clustering.model when a cohort is reprocessed with existing types); maps per slide
 # (contract #3) with a PNG overlay and QuPath GeoJSON beside each. Annotated slides get
 # their map from the annotation instead (same grid, no encoder or k in the path).
+# Per-slide diversity samples (histopipe.slide_samples) do not depend on k: one set serves
+# the models of every k.
+CLUSTER_SAMPLE = "{results}/clusters/{encoder}/{tiling}/samples/{slide}.zarr"
 CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
 CLUSTER_MODEL = CLUSTER_DIR + "/model"
 CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"

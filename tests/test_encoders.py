@@ -97,12 +97,25 @@ def _images(n: int = 3, size: int = 64) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_weights_round_trip_through_local_file(tmp_path, suffix):
-    import safetensors.torch
-
+@pytest.fixture(scope="module")
+def tiny_reference():
     torch.manual_seed(0)
     ref = get_encoder("timm:vit_tiny_patch16_224", pretrained=False)
+    return ref, ref.embed(_images(2, 224))
+
+
+def test_a_fresh_random_model_differs_from_the_reference(tiny_reference):
+    # So that equality in the round trip below means the weights, not chance.
+    ref, expected = tiny_reference
+    other = get_encoder("timm:vit_tiny_patch16_224", pretrained=False)
+    assert not torch.allclose(other.embed(_images(2, 224)), expected)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_round_trip_through_local_file(tmp_path, suffix, tiny_reference):
+    import safetensors.torch
+
+    ref, expected = tiny_reference
     state = ref.model.state_dict()
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
@@ -112,11 +125,7 @@ def test_weights_round_trip_through_local_file(tmp_path, suffix):
     loaded = get_encoder("timm:vit_tiny_patch16_224", weights=path)
     assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert loaded.weights_path == path and loaded.dim == 192
-    images = _images(size=224)
-    assert torch.equal(loaded.embed(images), ref.embed(images))
-    # A fresh random model differs: equality above is the weights, not chance.
-    other = get_encoder("timm:vit_tiny_patch16_224", pretrained=False)
-    assert not torch.allclose(other.embed(images), ref.embed(images))
+    assert torch.equal(loaded.embed(_images(2, 224)), expected)
 
 
 def test_registered_family_loads_from_weights_dir_and_pools_cls_plus_mean(tmp_path, tiny_registered):

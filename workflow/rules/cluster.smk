@@ -31,7 +31,7 @@ rule map_tissue_types:
         png=paths.TISSUE_MAP_PNG.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
         geojson=paths.TISSUE_MAP_GEOJSON.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
     log:
-        paths.LOG.format(results=R, rule="map_tissue_types", name=COHORT.cluster_name() + "/{slide}"),
+        paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "{slide}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"
@@ -55,7 +55,7 @@ rule map_annotation:
     params:
         labels=config["labels"]["annotation_labels"],
     log:
-        paths.LOG.format(results=R, rule="map_annotation", name=TILING + "/{slide}"),
+        paths.LOG.format(results=R, rule="map_annotation", name=join_name(TILING, "{slide}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"

@@ -17,11 +17,15 @@ except HistopipeError as err:
 
 R = config["results"]
 TILING = COHORT.tiling_id
+ENCODER = COHORT.encoder
+K = COHORT.k
+DATASET = COHORT.dataset_id
 
 
 wildcard_constraints:
     slide=paths.SLIDE_ID_REGEX,
     tiling=r"mpp[0-9.]+_px[0-9]+(_ov[0-9]+)?",
+    encoder=r"[A-Za-z0-9._-]+",
 
 
 def get_final_output():
@@ -32,9 +36,22 @@ def slide_path(wildcards):
     return str(COHORT.slide(wildcards.slide).path)
 
 
-def tile_options(wildcards):
+def annotation_path(wildcards):
+    return str(COHORT.slide(wildcards.slide).annotation)
+
+
+def slide_options(wildcards):
     return COHORT.tile_options(wildcards.slide)
+
+
+def map_store(wildcards):
+    return COHORT.map_store(wildcards.slide)
 
 
 def config_json(*sections):
     return json.dumps({s: config[s] for s in sections})
+
+
+def join_name(*parts):
+    """Log and benchmark names nest like the outputs they belong to."""
+    return "/".join(parts)

@@ -9,7 +9,7 @@ rule extract_patches:
         options=slide_options,
         on_error=config["on_error"],
     log:
-        paths.LOG.format(results=R, rule="extract_patches", name=DATASET + "/{slide}"),
+        paths.LOG.format(results=R, rule="extract_patches", name=join_name(DATASET, "{slide}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"
