@@ -142,14 +142,15 @@ SlurmdLogFile={root}/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
-# No slurmdbd: sacct cannot work, so clients must use squeue (kept long enough by MinJobAge).
+# No slurmdbd: sacct cannot work, so clients must use squeue (see MinJobAge).
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={root}/log/jobcomp.log
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-MinJobAge=300
+# Finished jobs stay visible to squeue (the status command) and scontrol this long, s.
+MinJobAge=1800
 ReturnToService=2
 MpiDefault=none
 # Refuse impossible requests at submit time; otherwise they pend forever.
