@@ -1,45 +1,49 @@
-rule sample_embeddings:
-    input:
-        emb=paths.EMBEDDINGS.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}"),
-    output:
-        sample=directory(paths.CLUSTER_SAMPLE.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}")),
-    params:
-        # Only the keys that change a slide's sample: changing k or the caps of the cohort
-        # step must not re-run thousands of per-slide jobs.
-        cfg=json.dumps({"clustering": {k: config["clustering"][k] for k in ("per_slide_cap", "seed", "normalize")}}),
-    log:
-        paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "{slide}")),
-    threads: 1
-    conda:
-        "../envs/histopipe.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    shell:
-        "histopipe sample-embeddings {input.emb:q} --out {output.sample:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+# With clustering.model set, slides are assigned to an existing model's tissue types and
+# nothing is fitted (no samples, no k-means), whatever the cohort.
+if not config["clustering"]["model"]:
+
+    rule sample_embeddings:
+        input:
+            emb=paths.EMBEDDINGS.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}"),
+        output:
+            sample=directory(paths.CLUSTER_SAMPLE.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}")),
+        params:
+            # Only the keys that change a slide's sample: changing k or the caps of the cohort
+            # step must not re-run thousands of per-slide jobs.
+            cfg=json.dumps({"clustering": {k: config["clustering"][k] for k in ("per_slide_cap", "seed", "normalize")}}),
+        log:
+            paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "{slide}")),
+        threads: 1
+        conda:
+            "../envs/histopipe.yaml"
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        shell:
+            "histopipe sample-embeddings {input.emb:q} --out {output.sample:q} --config-json {params.cfg:q} > {log:q} 2>&1"
 
 
-rule fit_kmeans:
-    input:
-        samples=COHORT.cluster_samples(),
-    output:
-        model=directory(COHORT.fitted_cluster_model()),
-    params:
-        args=lambda wildcards, output: ["fit-clusters", "--config-json", config_json("clustering"), "--out", output.model],
-        list_inputs=["samples"],
-        list_flag="--samples-list",
-    log:
-        paths.LOG.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name()),
-    benchmark:
-        paths.BENCHMARK.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name())
-    threads: 2
-    conda:
-        "../envs/histopipe.yaml"
-    resources:
-        mem_mb=16000,
-        runtime=240,
-    script:
-        "../scripts/histopipe_list.py"
+    rule fit_kmeans:
+        input:
+            samples=COHORT.cluster_samples(),
+        output:
+            model=directory(COHORT.fitted_cluster_model()),
+        params:
+            args=lambda wildcards, output: ["fit-clusters", "--config-json", config_json("clustering"), "--out", output.model],
+            list_inputs=["samples"],
+            list_flag="--samples-list",
+        log:
+            paths.LOG.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name()),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name())
+        threads: 2
+        conda:
+            "../envs/histopipe.yaml"
+        resources:
+            mem_mb=16000,
+            runtime=240,
+        script:
+            "../scripts/histopipe_list.py"
 
 
 rule map_tissue_types:
