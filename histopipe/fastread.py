@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +166,10 @@ class TiffTiles:
             raise OSError(f"{self.path}: truncated file (tile {index} at offset {lv.offsets[index]})")
         return data
 
-    def decode_tile(self, lv: Level, tx: int, ty: int, reduce: int = 1) -> np.ndarray | None:
-        """File tile ``(tx, ty)`` as uint8 ``(h, w, 3)`` at 1/``reduce`` scale; None if not stored."""
+    def decode_tile(self, lv: Level, tx: int, ty: int, reduce: int = 1, out: np.ndarray | None = None) -> np.ndarray | None:
+        """File tile ``(tx, ty)`` as uint8 ``(h, w, 3)`` at 1/``reduce`` scale; None if not
+        stored. Full-scale JPEG is decoded into ``out`` when given (reusing memory matters:
+        a fresh 256² array costs page faults worth a quarter of the decoding)."""
         index = lv.tile_index(tx, ty)
         data = self._tile_bytes(lv, index)
         if data is None:
@@ -175,7 +177,7 @@ class TiffTiles:
         if reduce > 1:
             return _decode_jpeg_reduced(data, lv, reduce)
         if lv.compression == _JPEG:
-            return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB")
+            return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB", out=out)
         tile, _, shape = lv.page.decode(data, index, jpegtables=lv.jpegtables)
         return np.asarray(tile).reshape(shape[1], shape[2], -1)[..., :3]
 
@@ -185,15 +187,17 @@ class TiffTiles:
         return next(self.read_regions(np.asarray([location]), level, size))
 
     def read_regions(self, locations: np.ndarray, level: int, size: tuple[int, int], reduce: int = 1,
-                     max_cache_mb: float = 512.0) -> Iterator[np.ndarray]:
+                     out: Iterable[np.ndarray] | None = None, max_cache_mb: float = 512.0) -> Iterator[np.ndarray]:
         """Yield the region of ``size`` = (w, h) level px at each level-0 location, in order.
 
         Each file tile is decoded once for the whole call (and dropped after the last region
         that needs it), however many regions overlap it; row-major locations keep at most
         about one row of file tiles alive. ``reduce`` (1, 2, 4 or 8; JPEG only) decodes at
         1/``reduce`` scale and yields regions of ``size / reduce`` px; the level locations
-        and ``size`` must then be multiples of ``reduce``. Past ``max_cache_mb`` of decoded
-        tiles the oldest are dropped (they are decoded again if needed).
+        and ``size`` must then be multiples of ``reduce``. ``out`` gives a destination array
+        per region, taken in turn (views into a batch, or one buffer repeated when each region
+        is used before the next is asked for); without it each region is a new array. Past
+        ``max_cache_mb`` of decoded tiles the oldest are dropped (decoded again if needed).
         """
         lv = self.level(level)
         lc = self.level_coords(locations, level)
@@ -201,46 +205,65 @@ class TiffTiles:
         if reduce != 1:
             _check_reduce(lv, lc, w, h, reduce)
         k = reduce
-        tw, th = lv.tile_w // k, lv.tile_h // k
+        tw, th, nx = lv.tile_w // k, lv.tile_h // k, lv.tiles_x
         lw, lh = math.ceil(lv.width / k), math.ceil(lv.height / k)
         rw, rh = w // k, h // k
         lc = lc // k
-        spans = _tile_spans(lc, rw, rh, tw, th, lv.tiles_x, lv.tiles_y)
-        expire = _last_uses(spans, lv.tiles_x)
+        spans = _tile_spans(lc, rw, rh, tw, th, nx, lv.tiles_y)
+        expire = _last_uses(spans, nx)
+        dests = None if out is None else iter(out)
         cache: dict[int, np.ndarray | None] = {}
-        cache_bytes = 0
+        spare: list[np.ndarray] = []  # memory of dropped tiles, decoded into again
+        used = [0]  # bytes in cache
         limit = max_cache_mb * 2**20
+
+        def cached(tx: int, ty: int) -> np.ndarray | None:
+            key = ty * nx + tx
+            if key not in cache:
+                tile = cache[key] = self.decode_tile(lv, tx, ty, k, spare.pop() if spare else None)
+                used[0] += 0 if tile is None else tile.nbytes
+            return cache[key]
+
+        def drop(key: int, recycle: bool = True) -> np.ndarray | None:
+            tile = cache.pop(key, None)
+            if tile is not None:
+                used[0] -= tile.nbytes
+                if recycle and k == 1 and tile.shape == (th, tw, 3):
+                    spare.append(tile)
+            return tile
+
         for i, ((x, y), (tx0, tx1, ty0, ty1)) in enumerate(zip(lc.tolist(), spans.tolist(), strict=True)):
+            dest = None if dests is None else next(dests)
             inside = x >= 0 and y >= 0 and x + rw <= lw and y + rh <= lh
-            aligned = inside and tx0 == tx1 and ty0 == ty1 and (x, y, rw, rh) == (tx0 * tw, ty0 * th, tw, th)
-            out = None
-            for ty in range(ty0, ty1 + 1):
-                for tx in range(tx0, tx1 + 1):
-                    key = ty * lv.tiles_x + tx
-                    if key in cache:
-                        tile = cache[key]
-                    else:
-                        tile = cache[key] = self.decode_tile(lv, tx, ty, k)
-                        cache_bytes += 0 if tile is None else tile.nbytes
-                    if aligned and tile is not None and tile.shape == (rh, rw, 3):
-                        # The region is one whole file tile: hand it over, copied only if a
-                        # later region still needs it.
-                        out = tile if key in expire[i] else tile.copy()
-                        continue
-                    if out is None:
-                        out = np.empty((rh, rw, 3), dtype=np.uint8)
-                        if not inside:
-                            out.fill(self.fill)
-                    _paste(out, x, y, tile, tx * tw, ty * th, tw, th, lw, lh, self.fill)
-            if out is None:  # entirely outside the level
-                out = np.full((rh, rw, 3), self.fill, dtype=np.uint8)
+            region = None
+            if inside and tx0 == tx1 and ty0 == ty1 and (x, y, rw, rh) == (tx0 * tw, ty0 * th, tw, th):
+                # The region is one whole file tile.
+                key = ty0 * nx + tx0
+                if key not in cache and key in expire[i]:  # this region alone needs it
+                    region = self.decode_tile(lv, tx0, ty0, k, dest if dest is not None else (spare.pop() if spare else None))
+                else:
+                    tile = cached(tx0, ty0)
+                    if tile is not None and key in expire[i] and dest is None:
+                        region = drop(key, recycle=False)  # handed over, not reused
+                    elif tile is not None:
+                        region = tile.copy() if dest is None else tile
+                if region is not None and region.shape != (rh, rw, 3):
+                    region = None
+            if region is None:
+                region = dest if dest is not None else np.empty((rh, rw, 3), dtype=np.uint8)
+                if not inside:
+                    region.fill(self.fill)
+                for ty in range(ty0, ty1 + 1):
+                    for tx in range(tx0, tx1 + 1):
+                        _paste(region, x, y, cached(tx, ty), tx * tw, ty * th, tw, th, lw, lh, self.fill)
+            elif dest is not None and region is not dest:
+                dest[...] = region
+                region = dest
             for key in expire[i]:
-                tile = cache.pop(key, None)
-                cache_bytes -= 0 if tile is None else tile.nbytes
-            while cache_bytes > limit and cache:
-                tile = cache.pop(next(iter(cache)))
-                cache_bytes -= 0 if tile is None else tile.nbytes
-            yield out
+                drop(key)
+            while used[0] > limit and cache:
+                drop(next(iter(cache)))
+            yield region
 
     def verify(self, reader: SlideReader, level: int) -> str | None:
         """Compare one file tile read both ways; None when identical, else the difference.

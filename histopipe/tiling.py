@@ -6,9 +6,12 @@ are derived. Coordinates are level-0 ``(x, y)`` of each tile's top-left corner.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -364,6 +367,12 @@ class TileSource:
         self._choose_path()
         return self._fast_reason or ""
 
+    @property
+    def decode_reduce(self) -> int:
+        """JPEG tiles are decoded at 1/``decode_reduce`` scale (above 1 only with ``exact=False``)."""
+        self._choose_path()
+        return self._reduce
+
     def _choose_path(self) -> None:
         self._forked()
         if self._fast_reason is not None or self._tiles is not None:
@@ -399,7 +408,7 @@ class TileSource:
             log.info("%s: general read path (%s)", self.slide_path, err)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return next(self._iter_tiles(np.array([int(i)])))
+        return self.read_batch([i])[0]
 
     def __getitems__(self, indices) -> list[np.ndarray]:
         """A batch as a list of tiles (the hook torch's DataLoader calls with ``batch_size``)."""
@@ -410,53 +419,74 @@ class TileSource:
         a = self.attrs
         size = int(a["read_size"])
         self._choose_path()
-        if self._tiles is not None:
-            return self._finish(self._tiles.read_region((x, y), int(a["read_level"]), (size, size)))
-        return self._finish(self.reader.read_region((x, y), int(a["read_level"]), (size, size)))
+        reader = self.reader if self._tiles is None else self._tiles
+        return self._finish(reader.read_region((x, y), int(a["read_level"]), (size, size)))
 
-    def _finish(self, tile: np.ndarray) -> np.ndarray:
+    def _finish(self, tile: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
+        """Resize to the tile size (area), into ``dst`` when given."""
         ts = int(self.attrs["tile_size"])
         if tile.shape[:2] != (ts, ts):
-            tile = cv2.resize(tile, (ts, ts), interpolation=cv2.INTER_AREA)
+            tile = cv2.resize(tile, (ts, ts), dst=dst, interpolation=cv2.INTER_AREA)
+        if dst is not None and tile is not dst:
+            dst[...] = tile
+            return dst
         return tile
 
-    def _iter_tiles(self, indices: np.ndarray):
-        """Tiles of ``indices`` in order; the fast path decodes each file tile once."""
-        a = self.attrs
-        level, size = int(a["read_level"]), int(a["read_size"])
-        self._choose_path()
-        if self._tiles is not None:
-            regions = self._tiles.read_regions(self.coords[indices], level, (size, size), reduce=self._reduce)
-            for region in regions:
-                yield self._finish(region)
-        else:
-            for x, y in self.coords[indices].tolist():
-                yield self._finish(self.reader.read_region((x, y), level, (size, size)))
+    def _read_into(self, indices: np.ndarray, slots) -> Iterator[np.ndarray]:
+        """Write the tiles of ``indices`` into the arrays of ``slots`` in turn, yielding each.
 
-    def iter_batches(self, indices=None, batch_size: int = 64):
+        The fast path decodes each file tile once for the whole call and, when no resize is
+        needed, decodes straight into the slots.
+        """
+        a = self.attrs
+        level, size, ts = int(a["read_level"]), int(a["read_size"]), int(a["tile_size"])
+        self._choose_path()
+        coords = self.coords[indices]
+        if self._tiles is None:
+            for (x, y), slot in zip(coords.tolist(), slots, strict=True):
+                yield self._finish(self.reader.read_region((x, y), level, (size, size)), slot)
+            return
+        side = size // self._reduce
+        if side == ts:
+            yield from self._tiles.read_regions(coords, level, (size, size), reduce=self._reduce, out=slots)
+            return
+        scratch = np.empty((side, side, 3), dtype=np.uint8)
+        regions = self._tiles.read_regions(coords, level, (size, size), reduce=self._reduce, out=itertools.repeat(scratch))
+        for region, slot in zip(regions, slots, strict=True):
+            yield self._finish(region, slot)
+
+    def iter_batches(self, indices=None, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(indices int64 (B,), tiles uint8 (B, tile_size, tile_size, 3))`` batches.
 
         ``indices`` defaults to all tiles; give them in store (row-major) order so that file
         tiles shared by neighbouring grid tiles are decoded once across batches.
         """
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64).ravel()
-        ts = int(self.attrs.get("tile_size", 0))
-        tiles = self._iter_tiles(idx) if len(idx) else iter(())
+        if len(idx) == 0:
+            return
+        ts = int(self.attrs["tile_size"])
+        filled: collections.deque = collections.deque()
+
+        def slots():
+            for start in range(0, len(idx), batch_size):
+                part = idx[start : start + batch_size]
+                batch = np.empty((len(part), ts, ts, 3), dtype=np.uint8)
+                filled.append((part, batch))
+                yield from batch
+
+        tiles = self._read_into(idx, slots())
         for start in range(0, len(idx), batch_size):
-            part = idx[start : start + batch_size]
-            out = np.empty((len(part), ts, ts, 3), dtype=np.uint8)
-            for j in range(len(part)):
-                out[j] = next(tiles)
-            yield part, out
+            for _ in range(min(batch_size, len(idx) - start)):
+                next(tiles)
+            yield filled.popleft()
 
     def read_batch(self, indices) -> np.ndarray:
         """Tiles of ``indices`` as uint8 ``(B, tile_size, tile_size, 3)``."""
         idx = np.asarray(indices, dtype=np.int64).ravel()
-        ts = int(self.attrs.get("tile_size", 0))
-        out = np.empty((len(idx), ts, ts, 3), dtype=np.uint8)
-        for j, tile in enumerate(self._iter_tiles(idx) if len(idx) else ()):
-            out[j] = tile
-        return out
+        if len(idx) == 0:
+            ts = int(self.attrs.get("tile_size", 0))
+            return np.zeros((0, ts, ts, 3), dtype=np.uint8)
+        return next(self.iter_batches(idx, batch_size=len(idx)))[1]
 
     def close(self) -> None:
         if self._tiles is not None:

@@ -119,26 +119,36 @@ def test_decodes_each_file_tile_once(pyramids):
     with open_slide(pyramids["aperio"], "tiffslide") as reader, TiffTiles.for_reader(reader) as tiles:
         calls = []
         decode = tiles.decode_tile
-        tiles.decode_tile = lambda lv, tx, ty, k=1: calls.append((tx, ty)) or decode(lv, tx, ty, k)
+        tiles.decode_tile = lambda lv, tx, ty, k=1, out=None: calls.append((tx, ty)) or decode(lv, tx, ty, k, out)
         locs = np.array([(x, y) for y in range(100, 1500, 180) for x in range(70, 1400, 180)])
         _assert_same_regions(reader, tiles, 0, locs, (300, 300))
         assert len(calls) == len(set(calls)) > 0
+        # Whole-tile regions, each file tile used twice, written into given destinations.
+        locs = np.array([(x, y) for y in (0, 256) for x in (0, 256, 512)] * 2)
+        dests = np.zeros((len(locs), 256, 256, 3), dtype=np.uint8)
+        calls.clear()
+        for dest, region in zip(dests, tiles.read_regions(locs, 0, (256, 256), out=dests), strict=True):
+            assert np.shares_memory(region, dest)
+        assert len(calls) == 6
+        for loc, region in zip(locs, dests, strict=True):
+            np.testing.assert_array_equal(region, reader.read_region(tuple(loc), 0, (256, 256)))
 
 
-def _store(path, out, mpp, backend="auto"):
-    tile_slide(path, out, tiling=TilingConfig(mpp=mpp, min_tissue=0.0), backend=backend)
+def _store(path, out, mpp, backend="auto", overlap=0):
+    tile_slide(path, out, tiling=TilingConfig(mpp=mpp, min_tissue=0.0, overlap=overlap), backend=backend)
     return out
 
 
-@pytest.mark.parametrize(("layout", "mpp", "path"), [
-    ("aperio", 0.25, "fast"),      # native: level 0, 256 px reads
-    ("aperio", 0.5, "fast"),       # downsample 2: level 0, 512 px reads resized to 256
-    ("aperio", 1.0, "general"),    # OpenSlide level 1 (downsample 4.0007): sub-pixel offsets
-    ("subifd", 1.0, "fast"),       # tiffslide level 1
-    ("generic", 1.0, "general"),
+@pytest.mark.parametrize(("layout", "mpp", "overlap", "path"), [
+    ("aperio", 0.25, 0, "fast"),       # native: level 0, 256 px reads, one file tile each
+    ("aperio", 0.25, 128, "fast"),     # overlapping grid: file tiles shared by 4 grid tiles
+    ("aperio", 0.5, 0, "fast"),        # downsample 2: level 0, 512 px reads resized to 256
+    ("aperio", 1.0, 0, "general"),     # OpenSlide level 1 (downsample 4.0007): sub-pixel offsets
+    ("subifd", 1.0, 0, "fast"),        # tiffslide level 1
+    ("generic", 1.0, 0, "general"),
 ])
-def test_tile_source_fast_path_identical(pyramids, tmp_path, layout, mpp, path):
-    store = _store(pyramids[layout], tmp_path / "s.zarr", mpp)
+def test_tile_source_fast_path_identical(pyramids, tmp_path, layout, mpp, overlap, path):
+    store = _store(pyramids[layout], tmp_path / "s.zarr", mpp, overlap=overlap)
     general = TileSource(store, fast=False)
     fast = TileSource(store)
     assert general.read_path == "general" and general.fast_reason == "fast=False"
@@ -166,7 +176,7 @@ def test_inexact_mode_reduced_dct_decoding(pyramids, tmp_path):
     # equally valid 2× reduction. Bound its distance to the area resize of the full decode.
     store = _store(pyramids["aperio"], tmp_path / "s.zarr", 0.5)
     approx, exact = TileSource(store, exact=False), TileSource(store)
-    assert approx.read_path == "fast" and approx._reduce == 2
+    assert approx.read_path == "fast" and approx.decode_reduce == 2 and exact.decode_reduce == 1
     idx = np.arange(len(exact))
     diff = np.abs(approx.read_batch(idx).astype(np.int16) - exact.read_batch(idx))
     assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 4 and diff.max() <= 16
