@@ -126,66 +126,89 @@ def _checksum(indices: np.ndarray, tiles: np.ndarray) -> int:
     return int(tiles[:, ::64, ::64].sum())
 
 
-def _openslide_loop(slide_path: str, coords: np.ndarray, level: int, read_size: int, tile_size: int) -> int:
-    """The baseline: one OpenSlide read_region call per tile."""
-    import openslide
-
-    cv2.setNumThreads(1)
-    total = 0
-    with openslide.OpenSlide(slide_path) as slide:
-        for x, y in coords.tolist():
-            tile = cv2.cvtColor(np.asarray(slide.read_region((x, y), level, (read_size, read_size))), cv2.COLOR_RGBA2RGB)
-            if read_size != tile_size:
-                tile = cv2.resize(tile, (tile_size, tile_size), interpolation=cv2.INTER_AREA)
-            total += int(tile[::64, ::64].sum())
-    return total
-
-
-def _read(method: str, store: Path, indices: np.ndarray, workers: int, pool, passes: int = 1) -> None:
-    """Read the tiles ``indices`` of ``store`` ``passes`` times with ``method``."""
-    for _ in range(passes):
-        _read_once(method, store, indices, workers, pool)
-
-
-def _read_once(method: str, store: Path, indices: np.ndarray, workers: int, pool) -> None:
-    if method == "openslide loop":
-        src = TileSource(store)
-        a = src.attrs
-        args = (str(src.slide_path), int(a["read_level"]), int(a["read_size"]), int(a["tile_size"]))
-        if workers == 1:
-            _openslide_loop(args[0], src.coords[indices], *args[1:])
-        else:
-            futures = [pool.submit(_openslide_loop, args[0], src.coords[indices[b.start : b.stop]], *args[1:]) for b in bands(len(indices), workers)]
-            [f.result() for f in futures]
-        return
-    src = TileSource(store, **METHOD_OPTIONS[method])
-    map_batches(src, _checksum, workers=workers, batch_size=64, indices=indices, executor=pool if workers > 1 else None)
-
-
 METHOD_OPTIONS = {"general": {"fast": False}, "fast": {}, "fast, DCT": {"exact": False}}
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system, all threads) used so far by this process and ``pids``."""
-    t = os.times()
-    total = t.user + t.system
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+@dataclass
+class BandTiming:
+    """One worker's run: seconds to open the slide, then its reading phase."""
+
+    open_s: float
+    start: float  # perf_counter at the start of reading (CLOCK_MONOTONIC: same in every process)
+    end: float
+    cpu_s: float  # CPU seconds of the reading phase, all threads of the process
 
 
-def _measure(fn, pids: list[int], *args) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (this process and the workers) of ``fn(*args)``."""
-    c0, t0 = _cpu_seconds(pids), time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0, _cpu_seconds(pids) - c0
+def _read_band(method: str, store: str, indices: np.ndarray, passes: int) -> BandTiming:
+    """Open the slide as ``method`` does, then read the tiles ``indices`` ``passes`` times."""
+    cv2.setNumThreads(1)
+    t0 = time.perf_counter()
+    if method == "openslide loop":
+        import openslide
+
+        src = TileSource(store)
+        a = src.attrs
+        level, size, ts = int(a["read_level"]), int(a["read_size"]), int(a["tile_size"])
+        slide = openslide.OpenSlide(str(src.slide_path))
+    else:
+        src = TileSource(store, **METHOD_OPTIONS[method])
+        src.read_path  # noqa: B018  (opens the slide and chooses the read path)
+    start, c0 = time.perf_counter(), time.process_time()
+    for _ in range(passes):
+        if method == "openslide loop":
+            # The baseline: one read_region call per tile, made RGB, resized when ÷2.
+            for x, y in src.coords[indices].tolist():
+                tile = cv2.cvtColor(np.asarray(slide.read_region((x, y), level, (size, size))), cv2.COLOR_RGBA2RGB)
+                if size != ts:
+                    tile = cv2.resize(tile, (ts, ts), interpolation=cv2.INTER_AREA)
+        else:
+            for idx, tiles in src.iter_batches(indices, batch_size=64):
+                _checksum(idx, tiles)
+    timing = BandTiming(start - t0, start, time.perf_counter(), time.process_time() - c0)
+    if method == "openslide loop":
+        slide.close()
+    src.close()
+    return timing
+
+
+@dataclass
+class Run:
+    """A method's best of several runs over the same tiles with a number of workers."""
+
+    tiles: int
+    open_s: float = math.inf  # the slowest worker's open
+    wall_s: float = math.inf  # first read started → last read ended
+    cpu_s: float = math.inf  # reading CPU time, all workers
+
+    def add(self, bands: list[BandTiming]) -> None:
+        self.open_s = min(self.open_s, max(b.open_s for b in bands))
+        self.wall_s = min(self.wall_s, max(b.end for b in bands) - min(b.start for b in bands))
+        self.cpu_s = min(self.cpu_s, sum(b.cpu_s for b in bands))
+
+    @property
+    def per_s(self) -> float:
+        return self.tiles / self.wall_s
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.tiles / self.cpu_s
+
+
+def _run(method: str, store: Path, indices: np.ndarray, workers: int, pool, passes: int) -> list[BandTiming]:
+    if workers == 1:
+        return [_read_band(method, str(store), indices, passes)]
+    futures = [pool.submit(_read_band, method, str(store), indices[b.start : b.stop], passes) for b in bands(len(indices), workers)]
+    return [f.result() for f in futures]
 
 
 def _time(repeats: int, fn, *args) -> float:
     """Best wall time of ``repeats`` calls of ``fn(*args)``."""
-    return min(_measure(fn, [], *args)[0] for _ in range(repeats))
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _subset(n: int, size: int, runs: int = 12) -> np.ndarray:
@@ -207,6 +230,22 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+@dataclass
+class Row:
+    slide: str
+    tiling: str
+    level: int
+    size: int
+    tiles: str
+    method: str
+    one: Run
+    two: Run
+
+    def line(self) -> str:
+        return (f"{self.slide:20s} {self.tiling:20s} {self.method:15s} open {self.one.open_s * 1e3:6.1f} ms  "
+                f"{self.one.per_cpu_s:6.0f}/CPU-s  {self.one.per_s:6.0f} /s  2 workers {self.two.per_s:6.0f} /s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=cache_dir() / "bench", help="folder for the generated large slide")
@@ -221,16 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     cmu = fetch_cmu_slide()
     large = large_slide(args.cache)
     cases = [  # (slide label, path, target µm/px, resolution label, tiles read per measurement)
-        ("CMU-1-Small-Region", cmu, 0.5, "native (0.5 µm/px)", 400),
-        ("CMU-1-Small-Region", cmu, 1.0, "1.0 µm/px (÷2)", 150),
+        ("CMU-1-Small-Region", cmu, 0.5, "native (0.5 µm/px)", 600),
+        ("CMU-1-Small-Region", cmu, 1.0, "1.0 µm/px (÷2)", 200),
         ("large 40000×30000", large, 0.25, "native (0.25 µm/px)", args.sample),
         ("large 40000×30000", large, 0.5, "0.5 µm/px (÷2)", args.sample_downsampled),
     ]
-    rows, coord_rows = [], []
+    rows, coord_rows, all_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp, start_pool(2) as pool:
         # Start both workers (imports included) before any timing.
         [f.result() for f in [pool.submit(time.sleep, 0.5) for _ in range(2)]]
-        pids = list(pool._processes)
         for slide_label, path, mpp, res_label, want in cases:
             store = Path(tmp) / f"{path.stem}_{mpp}.zarr"
             secs = _time(args.repeats, tile_slide, path, store, None, TilingConfig(mpp=mpp))
@@ -239,68 +277,50 @@ def main(argv: list[str] | None = None) -> int:
             coord_rows.append((slide_label, res_label, secs, n, src.attrs["grid_cols"] * src.attrs["grid_rows"]))
             idx = _subset(n, want)
             passes = max(1, math.ceil(want / max(len(idx), 1)))
-            reads = passes * len(idx)
             methods = [m for m in METHODS if m != "fast, DCT" or TileSource(store, exact=False).decode_reduce > 1]
-            for method in methods:
-                for workers in (1, 2):
-                    _read(method, store, idx[:128], workers, pool)  # page cache and workers warm
+            runs = {(m, w): Run(passes * len(idx)) for m in methods for w in (1, 2)}
+            for m, w in runs:
+                _run(m, store, idx[:128], w, pool, 1)  # page cache and workers warm
             # Methods interleaved within each repeat, so that load from other jobs hits all alike.
-            best: dict = {}
             for _ in range(args.repeats):
-                for method in methods:
-                    for workers in (1, 2):
-                        wall, cpu = _measure(_read, pids, method, store, idx, workers, pool, passes)
-                        old = best.get((method, workers), (math.inf, math.inf))
-                        best[method, workers] = (min(old[0], wall), min(old[1], cpu))
+                for (m, w), run in runs.items():
+                    run.add(_run(m, store, idx, w, pool, passes))
             loads.append(os.getloadavg()[0])
-            label = f"{len(idx)} of {n}" + (f" ×{passes}" if passes > 1 else "")
-            for method in methods:
-                rows.append(Row(slide_label, res_label, src.attrs["read_level"], src.attrs["read_size"], label, method,
-                                reads / best[method, 1][1], reads / best[method, 1][0], reads / best[method, 2][0]))
+            label = f"{len(idx)} of {n}" + (f", {passes} passes" if passes > 1 else "")
+            for m in methods:
+                rows.append(Row(slide_label, res_label, src.attrs["read_level"], src.attrs["read_size"], label, m, runs[m, 1], runs[m, 2]))
                 print(rows[-1].line(), flush=True)
-            if len(idx) < n:
-                all_idx = np.arange(n)
-                wall1, cpu1 = _measure(_read, pids, "fast", store, all_idx, 1, pool)
-                wall2, _ = _measure(_read, pids, "fast", store, all_idx, 2, pool)
-                rows.append(Row(slide_label, res_label, src.attrs["read_level"], src.attrs["read_size"], f"all {n} (1 run)", "fast",
-                                n / cpu1, n / wall1, n / wall2))
-                print(rows[-1].line(), flush=True)
-    text = report(rows, coord_rows, cmu, large, args, loads)
+            # All tiles, end to end through the worker helper (opening included), one run each.
+            full = {}
+            for w in (1, 2):
+                t0 = time.perf_counter()
+                map_batches(TileSource(store), _checksum, workers=w, batch_size=64, executor=pool if w > 1 else None)
+                full[w] = n / (time.perf_counter() - t0)
+            all_rows.append((slide_label, res_label, n, full[1], full[2]))
+            print(f"{slide_label:20s} {res_label:20s} all {n} tiles, fast, end to end: {full[1]:.0f} /s, 2 workers {full[2]:.0f} /s", flush=True)
+    text = report(rows, coord_rows, all_rows, cmu, large, args, loads)
     print(text)
     write_section(args.results, "Tiling", text)
     return 0
 
 
-@dataclass
-class Row:
-    slide: str
-    tiling: str
-    level: int
-    size: int
-    tiles: str
-    method: str
-    per_cpu: float  # tiles per CPU second, one worker
-    wall1: float  # tiles/s, one worker
-    wall2: float  # tiles/s, two workers
-
-    def line(self) -> str:
-        return f"{self.slide:20s} {self.tiling:20s} {self.method:15s} {self.per_cpu:7.0f}/CPU-s {self.wall1:7.0f} {self.wall2:7.0f} tiles/s"
-
-
-def report(rows: list[Row], coord_rows, cmu: Path, large: Path, args, loads: list[float]) -> str:
+def report(rows: list[Row], coord_rows, all_rows, cmu: Path, large: Path, args, loads: list[float]) -> str:
     base = {(r.slide, r.tiling): r for r in rows if r.method == "openslide loop"}
     lines = [
-        f"Machine: {machine()}; {dt.date.today().isoformat()}; Python {platform.python_version()}. "
-        f"Other jobs shared the machine (1-min load average {min(loads):.1f}–{max(loads):.1f} on 2 cores): every figure is the "
-        f"best of {args.repeats} runs with the methods interleaved, and the per-core figure is tiles per CPU second "
-        "(user + system time of the reading process), which load from other jobs hardly changes; wall-clock figures, "
-        "the 2-worker ones most, are lower bounds.",
+        f"Machine: {machine()}; {dt.date.today().isoformat()}; Python {platform.python_version()}; "
+        f"`python benchmarks/tiling.py` (about 6 minutes). Other jobs shared the machine (1-min load average "
+        f"{min(loads):.1f}–{max(loads):.1f} on its 2 cores), so every figure is the best of {args.repeats} runs with the "
+        "methods interleaved, and the per-core figure is tiles per CPU second of the reading processes, which "
+        "load from other jobs hardly changes. Wall-clock figures are lower bounds, the 2-worker ones most: "
+        "`cores got` is the CPU time the two workers obtained per wall second, and the 2-worker tiles per CPU "
+        "second show whether splitting the work into bands costs anything (with free cores, throughput scales by "
+        "workers × that figure).",
         "",
         f"Slides: CMU-1-Small-Region, real Aperio SVS, 2220×2967 px, 0.499 µm/px, RGB JPEG Q=30 in 240² tiles with shared "
         f"JPEGTables, one level ({cmu.stat().st_size / 2**20:.1f} MiB); large: generated Aperio-style {LARGE[0]}×{LARGE[1]} px "
-        f"at {LARGE_MPP} µm/px, RGB JPEG without chroma subsampling Q={QUALITY}, 256² tiles, levels {'/'.join(map(str, LEVELS))}, "
-        f"mirrored copies of the real slide's pixels ({large.stat().st_size / 2**30:.2f} GiB). Tiles are 256 px; at ÷2 the grid "
-        "reads 512 px (513 px on CMU, 0.499 µm/px) regions at level 0 and resizes them (area).",
+        f"at {LARGE_MPP} µm/px, RGB JPEG without chroma subsampling, Q={QUALITY}, 256² tiles, levels "
+        f"{'/'.join(map(str, LEVELS))}, mirrored copies of the real slide's pixels ({large.stat().st_size / 2**30:.2f} GiB). "
+        "Tiles are 256 px; at ÷2 the grid reads 512 px regions (513 px on CMU, 0.499 µm/px) at level 0 and resizes them (area).",
         "",
         "### Slide → coordinates (`tile_slide`: open, tissue detection at 8 µm/px, grid, tile store)",
         "",
@@ -314,24 +334,32 @@ def report(rows: list[Row], coord_rows, cmu: Path, large: Path, args, loads: lis
         "### Reading tile pixels",
         "",
         "Methods: `openslide loop` = `OpenSlide.read_region` per tile → RGB (`cv2.cvtColor`) → area resize when ÷2 (the "
-        "baseline); `general` = `TileSource(fast=False)`; `fast` = `TileSource()` (histopipe.fastread, pixels identical to "
-        "`general`); `fast, DCT` = `TileSource(exact=False)`, JPEG decoded at half scale (only where the read size and the "
-        "coordinates are even). Workers read contiguous bands (histopipe.tilepool). × = ratio to the OpenSlide loop in the "
-        "same column; 2w/1w = wall-clock scaling from 1 to 2 worker processes.",
+        "baseline); `general` = `TileSource(fast=False)` (`SlideReader.read_region` per tile); `fast` = `TileSource()` "
+        "(histopipe.fastread; pixels identical to `general`); `fast, DCT` = `TileSource(exact=False)`, JPEG decoded at half "
+        "scale (only where the read size and the coordinates are even, so not on CMU's 513 px reads). Each worker opens "
+        "the slide (`open`: OpenSlide's open for the loop; open, level matching and the one-tile check for `fast`), then "
+        "reads a contiguous band of the tiles; tiles/s count the reading only. × = ratio to the OpenSlide loop in the same "
+        "column; 2w/1w = wall-clock scaling from 1 to 2 worker processes.",
         "",
-        "| slide | tiling | read level, size | tiles read | method | per core: tiles/CPU-s | × | 1 worker: tiles/s | × | 2 workers: tiles/s | × | 2w/1w |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| slide | tiling | read | tiles read | method | open ms | per core: tiles/CPU-s | × | 1 worker: tiles/s | × "
+        "| 2 workers: tiles/s | × | 2w/1w | cores got | 2 workers: tiles/CPU-s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         b = base[(r.slide, r.tiling)]
-        same = r.tiles == b.tiles
-
-        def ratio(v: float, ref: float, same: bool = same) -> str:
-            return f"{v / ref:.1f}×" if same else "–"
-
-        lines.append(f"| {r.slide} | {r.tiling} | {r.level}, {r.size}² | {r.tiles} | {r.method} | {r.per_cpu:.0f} | "
-                     f"{ratio(r.per_cpu, b.per_cpu)} | {r.wall1:.0f} | {ratio(r.wall1, b.wall1)} | {r.wall2:.0f} | "
-                     f"{ratio(r.wall2, b.wall2)} | {r.wall2 / r.wall1:.2f} |")
+        lines.append(
+            f"| {r.slide} | {r.tiling} | level {r.level}, {r.size}² | {r.tiles} | {r.method} | {r.one.open_s * 1e3:.0f} | "
+            f"{r.one.per_cpu_s:.0f} | {r.one.per_cpu_s / b.one.per_cpu_s:.1f}× | {r.one.per_s:.0f} | {r.one.per_s / b.one.per_s:.1f}× | "
+            f"{r.two.per_s:.0f} | {r.two.per_s / b.two.per_s:.1f}× | {r.two.per_s / r.one.per_s:.2f} | {r.two.cpu_s / r.two.wall_s:.2f} | {r.two.per_cpu_s:.0f} |")
+    lines += [
+        "",
+        "All tiles through `tilepool.map_batches` with the fast path, end to end (open included, one run each):",
+        "",
+        "| slide | tiling | tiles | 1 worker: tiles/s | 2 workers: tiles/s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for slide_label, res_label, n, one, two in all_rows:
+        lines.append(f"| {slide_label} | {res_label} | {n} | {one:.0f} | {two:.0f} |")
     return "\n".join(lines) + "\n"
 
 

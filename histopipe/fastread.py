@@ -36,6 +36,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from histopipe.errors import SlideError
 from histopipe.slides import SlideReader
 
 # Vendors whose tiles are the image as stored: no overlaps, offsets or corrections applied by
@@ -163,7 +164,7 @@ class TiffTiles:
             return None
         data = os.pread(self._fd, n, int(lv.offsets[index]))
         if len(data) != n:
-            raise OSError(f"{self.path}: truncated file (tile {index} at offset {lv.offsets[index]})")
+            raise SlideError(self.path, f"truncated file (tile {index} at byte {lv.offsets[index]} of the {lv.width}×{lv.height} level)")
         return data
 
     def decode_tile(self, lv: Level, tx: int, ty: int, reduce: int = 1, out: np.ndarray | None = None) -> np.ndarray | None:
@@ -174,12 +175,15 @@ class TiffTiles:
         data = self._tile_bytes(lv, index)
         if data is None:
             return None
-        if reduce > 1:
-            return _decode_jpeg_reduced(data, lv, reduce)
-        if lv.compression == _JPEG:
-            return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB", out=out)
-        tile, _, shape = lv.page.decode(data, index, jpegtables=lv.jpegtables)
-        return np.asarray(tile).reshape(shape[1], shape[2], -1)[..., :3]
+        try:
+            if reduce > 1:
+                return _decode_jpeg_reduced(data, lv, reduce)
+            if lv.compression == _JPEG:
+                return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB", out=out)
+            tile, _, shape = lv.page.decode(data, index, jpegtables=lv.jpegtables)
+            return np.asarray(tile).reshape(shape[1], shape[2], -1)[..., :3]
+        except Exception as err:  # codecs raise many types for corrupt data
+            raise SlideError(self.path, f"cannot decode tile ({tx}, {ty}) of the {lv.width}×{lv.height} level: {err}") from None
 
     # --- regions -------------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

@@ -307,9 +307,10 @@ class TileSource:
     With ``exact=True`` (default) both paths give identical pixels; the fast path is only
     used where it can (it is checked once per process on one file tile with ``verify``).
     ``exact=False`` lets the fast path also decode JPEG at reduced DCT scale when tiles are
-    downsampled by 2 or more, and read OpenSlide levels whose downsample is not whole at the
-    nearest pixel (OpenSlide interpolates a sub-pixel shift there): slightly different pixels
-    (mean absolute difference well under one grey level), faster reads.
+    downsampled by 2 or more (about 20 % faster there; a mean absolute difference of about
+    0.15 grey levels from the area resize) and read OpenSlide levels whose downsample is not
+    whole at the nearest pixel, where OpenSlide interpolates a sub-pixel shift (about 2 grey
+    levels on average; without it those stores take the general path).
     """
 
     def __init__(self, store: str | Path | TileStore, backend: str | None = None, slide_path: str | Path | None = None,

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from histopipe.demo import _read_full, fetch_cmu_slide
+from histopipe.errors import SlideError
 from histopipe.fastread import FastReadUnsupported, TiffTiles
 from histopipe.pyramid import LAYOUTS, write_pyramid
 from histopipe.slides import open_slide
@@ -253,3 +254,17 @@ def test_torch_dataloader_workers_in_order(pyramids, tmp_path):
     loader = torch.utils.data.DataLoader(source, batch_size=8, num_workers=2)
     got = torch.cat(list(loader)).numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_corrupt_tile_names_the_file(pyramids, tmp_path):
+    path = tmp_path / "corrupt.tiff"
+    path.write_bytes(pyramids["generic"].read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * count)
+    with open_slide(path, "tiffslide") as reader, TiffTiles.for_reader(reader) as tiles:
+        with pytest.raises(SlideError, match=r"corrupt\.tiff: cannot decode tile \(5, 0\)"):
+            tiles.read_region((5 * 256, 0), 0, (256, 256))
+        assert tiles.read_region((0, 0), 0, (256, 256)).shape == (256, 256, 3)
