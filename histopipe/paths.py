@@ -28,6 +28,17 @@ TISSUE_GEOJSON = "{results}/tiles/{tiling}/{slide}.tissue.geojson"
 TISSUE_PNG = "{results}/tiles/{tiling}/{slide}.tissue.png"
 GRID_PNG = "{results}/tiles/{tiling}/{slide}.grid.png"
 
+# Generative models (work folders: model/ is the trained model, checkpoints/ logs/ samples/
+# beside it) and synthetic data. {variant} is config ldm.variant; {mode} a synthesize --mode.
+VAE_WORK = "{results}/models/{dataset}/vae"
+VAE_MODEL = "{results}/models/{dataset}/vae/model"
+LDM_WORK = "{results}/models/{dataset}/ldm_{variant}"
+LDM_MODEL = "{results}/models/{dataset}/ldm_{variant}/model"
+SYNTHETIC = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}"
+SYNTHETIC_STORE = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/synthetic.zarr"
+SYNTHETIC_MANIFEST = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/manifest.csv"
+HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/flags.csv"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 SLIDE_STATUS = "{results}/qc/status/{slide}.json"

@@ -19,6 +19,8 @@ from histopipe.errors import HistopipeError
 
 # Stage modules, in pipeline order.
 COMMANDS = (
+    "histopipe.cli.train",
+    "histopipe.cli.synthesize",
 )
 
 
