@@ -34,6 +34,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = _temp_name(target)
     try:
         yield tmp
@@ -54,6 +55,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temporary outputs for ``target`` left by writers that no longer run."""
+    for p in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            pid = int(p.name[len(target.name) + 2 :].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            _remove(p)
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:

@@ -6,9 +6,11 @@ and descriptions; Snakemake validates the same files at parse time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import jsonschema
 import yaml
@@ -29,20 +31,22 @@ def _default_filling_validator(schema: dict) -> jsonschema.Validator:
         if isinstance(instance, dict):
             for key, sub in properties.items():
                 if "default" in sub and key not in instance:
-                    instance[key] = _copy(sub["default"])
+                    instance[key] = copy.deepcopy(sub["default"])
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     cls = jsonschema.validators.extend(base, {"properties": set_defaults})
     return cls(schema)
 
 
-def _copy(value: Any) -> Any:
-    return yaml.safe_load(yaml.safe_dump(value))
-
-
 def load_schema(path: Path) -> dict:
     with open(path) as fh:
         return yaml.safe_load(fh)
+
+
+@functools.lru_cache(maxsize=8)
+def _validator(path: Path) -> jsonschema.Validator:
+    # Built once per schema: a cohort sheet validates thousands of rows against one schema.
+    return _default_filling_validator(load_schema(path))
 
 
 def validate(instance: dict, schema_path: Path, what: str) -> dict:
@@ -51,8 +55,7 @@ def validate(instance: dict, schema_path: Path, what: str) -> dict:
     Nested defaults are filled too (an absent section becomes ``{}`` and then gets its keys).
     Raises ConfigError naming ``what`` and the offending key.
     """
-    schema = load_schema(schema_path)
-    validator = _default_filling_validator(schema)
+    validator = _validator(Path(schema_path))
     # Two passes: the first creates absent sections from their `{}` default, the second
     # fills the keys inside them.
     for _ in range(2):
@@ -80,6 +83,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if overrides:
         cfg = deep_merge(cfg, overrides)
     return validate(cfg, CONFIG_SCHEMA, str(path) if path else "config")
+
+
+def json_overrides(text: str | None) -> dict | None:
+    """Parse a ``--config-json`` argument (config sections as a JSON object)."""
+    if not text:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config-json: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--config-json: expected a JSON object")
+    return value
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

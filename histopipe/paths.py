@@ -22,11 +22,44 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
-# Per-slide tiling outputs.
+SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+# Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
+# overlay), {slide}.grid.png (kept tiles) and {slide}.tissue.geojson (QuPath annotations).
 TILES = "{results}/tiles/{tiling}/{slide}.zarr"
-TISSUE_GEOJSON = "{results}/tiles/{tiling}/{slide}.tissue.geojson"
-TISSUE_PNG = "{results}/tiles/{tiling}/{slide}.tissue.png"
-GRID_PNG = "{results}/tiles/{tiling}/{slide}.grid.png"
+TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
+TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
+
+# Tissue types. One cluster model per encoder, tiling and k (or the config's
+# clustering.model when a cohort is reprocessed with existing types); maps per slide
+# (contract #3) with a PNG overlay and QuPath GeoJSON beside each. Annotated slides get
+# their map from the annotation instead (same grid, no encoder or k in the path).
+CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
+CLUSTER_MODEL = CLUSTER_DIR + "/model"
+CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"
+STUDENT_MODEL = CLUSTER_DIR + "/student"
+TISSUE_MAP = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.zarr"
+TISSUE_MAP_PNG = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.png"
+TISSUE_MAP_GEOJSON = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.geojson"
+ANNOTATION_MAP = "{results}/maps/annotation/{tiling}/{slide}.zarr"
+ANNOTATION_MAP_PNG = "{results}/maps/annotation/{tiling}/{slide}.png"
+ANNOTATION_MAP_GEOJSON = "{results}/maps/annotation/{tiling}/{slide}.geojson"
+
+# Training-patch dataset (contract #4). {dataset} names the map source and the patch
+# setting, e.g. "<encoder>_<tiling>_k<k>_" + patches_id(...) or "annotation_" + patches_id(...).
+SLIDE_PATCHES = "{results}/dataset/{dataset}/slides/{slide}.zarr"
+DATASET = "{results}/dataset/{dataset}/patches.zarr"
+DATASET_INFO = "{results}/dataset/{dataset}/info.json"
+CROP_BANK = "{results}/dataset/{dataset}/crop_bank.zarr"
+
+
+def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> str:
+    """Name of a patch setting, e.g. ``mpp0.5_px512`` or ``mpp0.5_px512_out256``."""
+    pid = f"mpp{_fmt(mpp)}_px{int(patch_size)}"
+    if output_size and int(output_size) != int(patch_size):
+        pid += f"_out{int(output_size)}"
+    return pid
+
 
 # Generative models (work folders: model/ is the trained model, checkpoints/ logs/ samples/
 # beside it) and synthetic data. {variant} is config ldm.variant; {mode} a synthesize --mode.
@@ -41,7 +74,6 @@ HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/flags.
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
-SLIDE_STATUS = "{results}/qc/status/{slide}.json"
 LOG = "{results}/logs/{rule}/{name}.log"
 BENCHMARK = "{results}/benchmarks/{rule}/{name}.tsv"
 

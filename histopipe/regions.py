@@ -24,8 +24,9 @@ def square_fits(mask: np.ndarray, side: int) -> np.ndarray:
     if side > h or side > w or side <= 0:
         return np.zeros((max(h - side + 1, 0), max(w - side + 1, 0)), dtype=bool)
     ii = integral_image(mask)
-    ys, xs = np.mgrid[0 : h - side + 1, 0 : w - side + 1]
-    return box_sums(ii, ys, xs, side, side) == side * side
+    # box_sums over every top-left corner at once, as shifted views of the table.
+    sums = ii[side:, side:] - ii[:-side, side:] - ii[side:, :-side] + ii[:-side, :-side]
+    return sums == side * side
 
 
 def largest_square(mask: np.ndarray) -> int:

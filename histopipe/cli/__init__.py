@@ -19,6 +19,10 @@ from histopipe.errors import HistopipeError
 
 # Stage modules, in pipeline order.
 COMMANDS = (
+    "histopipe.cli.demo",
+    "histopipe.cli.slides",
+    "histopipe.cli.cluster",
+    "histopipe.cli.dataset",
     "histopipe.cli.train",
     "histopipe.cli.synthesize",
 )

@@ -1,0 +1,135 @@
+"""The real Snakefile run with the local profile on the demo cohort."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+
+from histopipe.sheet import read_sheet
+from tests.helpers import ROOT, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def _stores(results: Path) -> list[Path]:
+    return sorted((results / "tiles" / "mpp0.5_px256").glob("*.zarr"))
+
+
+def _assert_valid_store(path: Path) -> None:
+    g = zarr.open_group(str(path), mode="r")
+    assert g["coords"].shape[0] == g.attrs["n_tiles"] == g["tissue_fraction"].shape[0]
+
+
+def test_lint_is_clean(tmp_path, demo_cohort):
+    r = snakemake(tmp_path, "--lint", "--config", f"sheet={demo_cohort}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations" in r.stdout + r.stderr
+
+
+def test_demo_tiling_runs_and_rerun_recomputes_nothing(tmp_path, demo_cohort):
+    results = tmp_path / "results"
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    stores = _stores(results)
+    assert [p.stem for p in stores] == sorted(e.slide_id for e in read_sheet(demo_cohort))
+    for p in stores:
+        _assert_valid_store(p)
+    summary = (results / "qc" / "tiling_mpp0.5_px256.tsv").read_text().splitlines()
+    rows = {line.split("\t")[0]: line.split("\t") for line in summary[1:]}
+    assert rows["cmu1_subifd"][5] == "tiffslide" and rows["cmu1_small_region"][5] == "openslide"
+    assert int(rows["cmu1_mosaic_40x"][2]) > int(rows["cmu1_small_region"][2])  # 2x2 mosaic: more tissue
+    assert (results / "qc" / "failed_slides.tsv").read_text().splitlines() == ["slide_id\tslide_path\treason"]
+    assert (results / "logs" / "tile_slide" / "mpp0.5_px256" / "cmu1_gaps.log").exists()
+    mtimes = {p: p.stat().st_mtime for p in stores}
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    assert r.returncode == 0
+    assert "Nothing to be done" in r.stdout + r.stderr
+    assert {p: p.stat().st_mtime for p in stores} == mtimes
+
+
+def _copy_cohort(demo_cohort: Path, dest: Path, ids: list[str]) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    lines = ["slide_id\tpath"]
+    for e in read_sheet(demo_cohort):
+        if e.slide_id in ids:
+            lines.append(f"{e.slide_id}\t{e.path}")
+    sheet = dest / "slides.tsv"
+    sheet.write_text("\n".join(lines) + "\n")
+    return sheet
+
+
+def test_parse_time_errors_name_the_slide(tmp_path, demo_cohort):
+    sheet = tmp_path / "dup.tsv"
+    path = read_sheet(demo_cohort)[0].path
+    sheet.write_text(f"slide_id\tpath\na\t{path}\na\t{path}\n")
+    r = snakemake(tmp_path, "-n", "--config", f"sheet={sheet}")
+    assert r.returncode != 0 and "duplicate slide_id 'a'" in r.stdout + r.stderr
+    sheet.write_text(f"slide_id\tpath\nb\t{tmp_path / 'gone.svs'}\n")
+    r = snakemake(tmp_path, "-n", "--config", f"sheet={sheet}")
+    assert r.returncode != 0 and "slide 'b'" in r.stdout + r.stderr and "gone.svs" in r.stdout + r.stderr
+    r = snakemake(tmp_path, "-n", "--config", f"sheet={demo_cohort}", "tiling={'mpp': -1}")
+    assert r.returncode != 0 and "mpp" in r.stdout + r.stderr
+
+
+def test_corrupt_slide_skip_and_fail_policies(tmp_path, demo_cohort):
+    sheet = _copy_cohort(demo_cohort, tmp_path, ["cmu1_small_region", "cmu1_generic"])
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(read_sheet(demo_cohort)[0].path.read_bytes()[:300_000])
+    with open(sheet, "a") as fh:
+        fh.write(f"broken\t{truncated}\n")
+    results = tmp_path / "skip"
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=skip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    failed = (results / "qc" / "failed_slides.tsv").read_text().splitlines()
+    assert len(failed) == 2 and failed[1].startswith("broken\t") and "truncated.svs" in failed[1]
+    assert len(_stores(results)) == 3
+    results = tmp_path / "fail"
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=fail")
+    assert r.returncode != 0
+    assert "truncated.svs" in r.stdout + r.stderr
+    assert not (results / "tiles" / "mpp0.5_px256" / "broken.zarr").exists()
+
+
+def test_new_slides_only_run_their_own_jobs(tmp_path, demo_cohort):
+    sheet = _copy_cohort(demo_cohort, tmp_path, ["cmu1_small_region", "cmu1_generic"])
+    results = tmp_path / "results"
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = [e for e in read_sheet(demo_cohort) if e.slide_id == "cmu1_gaps"][0]
+    with open(sheet, "a") as fh:
+        fh.write(f"cmu1_gaps\t{new.path}\n")
+    r = snakemake(tmp_path, "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts.get("tile_slide") == 1, out
+
+
+def test_killed_run_resumes_without_corrupt_outputs(tmp_path, demo_cohort):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--profile", str(ROOT / "profiles/local"), "--configfile", str(ROOT / "config/config.yaml"),
+           "--cores", "1", "--config", f"sheet={demo_cohort}", f"results={results}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _stores(results):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the job it is running
+    proc.wait(timeout=30)
+    n_done = len(_stores(results))
+    assert n_done < 5, "the run finished before it could be killed"
+    for p in _stores(results):
+        _assert_valid_store(p)  # whatever exists under a final name is complete
+    r = snakemake(tmp_path, "--unlock", "--config", f"sheet={demo_cohort}", f"results={results}")
+    assert r.returncode == 0
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_stores(results)) == 5
+    for p in _stores(results):
+        _assert_valid_store(p)
+    assert not list(results.rglob(".*.partial"))
