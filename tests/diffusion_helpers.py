@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from histopipe.cropbank import build_crop_bank
 from histopipe.diffusion.settings import LDMSettings, VAESettings
+from histopipe.patches import CropBankConfig
 from histopipe.regions import sample_square
 
 NUM_LABELS = 5  # background + 4 tissue types
@@ -78,7 +80,7 @@ def make_patches(n: int = 8, size: int = 32, max_crops: int = 3, seed: int = 0):
 def write_patch_store(path: Path, n: int = 8, size: int = 32, max_crops: int = 3, seed: int = 0) -> Path:
     """A patches.zarr exactly as contract #4 describes it."""
     images, maps, boxes, labels, valid = make_patches(n, size, max_crops, seed)
-    g = zarr.open_group(str(path), mode="w")
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("images", data=images, chunks=(1, size, size, 3))
     g.create_array("maps", data=maps, chunks=(1, size, size))
     g.create_array("level_luts", data=LEVEL_LUTS)
@@ -98,18 +100,7 @@ def write_patch_store(path: Path, n: int = 8, size: int = 32, max_crops: int = 3
     return path
 
 
-def write_crop_bank(path: Path, bank_size: int = 16, per_label: int = 3, seed: int = 1) -> Path:
-    rng = np.random.default_rng(seed)
-    crops, labels, sides = [], [], []
-    for t in (1, 2, 3, 4):
-        for _ in range(per_label):
-            crops.append(texture(t, bank_size, rng))
-            labels.append(t)
-            sides.append(int(rng.integers(6, 11)))
-    g = zarr.open_group(str(path), mode="w")
-    g.create_array("crops", data=np.stack(crops), chunks=(1, bank_size, bank_size, 3))
-    g.create_array("labels", data=np.array(labels, np.uint16))
-    g.create_array("side", data=np.array(sides, np.int32))
-    sid = g.create_array("slide_id", shape=(len(labels),), dtype=str)
-    sid[:] = np.array(["slide0"] * len(labels), dtype=object)
+def write_crop_bank(patches: Path, path: Path, per_type: int = 3, size: int = 16) -> Path:
+    """The crop bank of a patch store, built by the dataset stage's own builder."""
+    build_crop_bank(patches, path, CropBankConfig(per_type=per_type, size=size, splits=("train",)))
     return path

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from diffusion_helpers import tiny_ldm, tiny_vae
 
 from histopipe.config import load_config
 from histopipe.diffusion.augment import augment_batch, flip_rotate, hed_jitter, transform_boxes
@@ -25,6 +24,7 @@ from histopipe.diffusion.crop_features import CropFeaturizer
 from histopipe.diffusion.models import Denoiser, build_denoiser, build_vae
 from histopipe.diffusion.settings import LDMSettings, SynthesisSettings, VAESettings, ldm_settings
 from histopipe.errors import ConfigError, HistopipeError
+from tests.diffusion_helpers import tiny_ldm, tiny_vae
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,18 +15,24 @@ import pytest
 import torch
 import yaml
 import zarr
-from diffusion_helpers import tiny_ldm, tiny_vae, write_crop_bank, write_patch_store
 from PIL import Image
 
 from histopipe.cli import main
 from histopipe.diffusion import synthesis as syn
-from histopipe.diffusion.data import CropBank, PatchStore
+from histopipe.diffusion.data import BankCrops, PatchRows, open_training_set, store_info
 from histopipe.diffusion.flagging import flag_hallucinations, knn_distance
 from histopipe.diffusion.models import build_vae
 from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import SynthesisSettings
 from histopipe.diffusion.tasks import LDMTask, reference_batch
 from histopipe.errors import HistopipeError
+from tests.diffusion_helpers import (
+    LABEL_NAMES,
+    tiny_ldm,
+    tiny_vae,
+    write_crop_bank,
+    write_patch_store,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +48,16 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth-data")
-    return write_patch_store(root / "patches.zarr"), write_crop_bank(root / "crop_bank.zarr")
+    patches = write_patch_store(root / "patches.zarr")
+    return patches, write_crop_bank(patches, root / "crop_bank.zarr")
 
 
 @pytest.fixture(scope="module")
 def pipe(data):
     """An untrained tiny map + crops pipeline (synthesis plumbing does not need a good model)."""
-    store = PatchStore(data[0], "train")
+    store = open_training_set(data[0], "train")
     torch.manual_seed(0)
-    task = LDMTask(tiny_ldm(), build_vae(tiny_vae(), 32), 32, store.level_luts, reference_batch(store, 2), store.label_names, 0.5)
+    task = LDMTask(tiny_ldm(), build_vae(tiny_vae(), 32), 32, store_info(data[0])["level_luts"], reference_batch(store, 2), LABEL_NAMES, 0.5)
     return task.pipeline(task.model.eval())
 
 
@@ -97,7 +104,7 @@ def _check_outputs(out: Path, maps: np.ndarray):
 
 
 def test_held_out_and_bank_synthesis_write_matching_pairs(pipe, data, tmp_path):
-    store = PatchStore(data[0], "test")
+    store = PatchRows(data[0], "test")
     s = SynthesisSettings(sampler="ddim", steps=2, guidance_scale=2.0, batch_size=3, seed=5)
     items = syn.held_out_items(store, 3, s.seed)
     syn.synthesize(pipe, items, tmp_path / "a", s, {"mode": "held-out"}, store.level_luts)
@@ -106,9 +113,9 @@ def test_held_out_and_bank_synthesis_write_matching_pairs(pipe, data, tmp_path):
     raw = store.raw(0)
     assert np.array_equal(g["crop_boxes"][0][g["crop_valid"][0]], raw["crop_boxes"][raw["crop_valid"]])
     assert rows[0]["map_source"].startswith("patches.zarr#")
-    assert PatchStore(tmp_path / "a" / "synthetic.zarr", "train")[0]["image"].shape == (3, 32, 32)  # contract #4 layout
+    assert open_training_set(tmp_path / "a" / "synthetic.zarr", "train")[0]["image"].shape == (3, 32, 32)  # contract #4 layout
 
-    bank_items = syn.bank_items(store, CropBank(data[1]), 3, s.seed, min_side=4)
+    bank_items = syn.bank_items(store, BankCrops(data[1]), 3, s.seed, min_side=4)
     syn.synthesize(pipe, bank_items, tmp_path / "c", s, {"mode": "crop-bank"})
     _, rows = _check_outputs(tmp_path / "c", np.stack([it.map for it in bank_items]))
     assert all(src.startswith("crop_bank.zarr#") for r in rows for src in json.loads(r["crop_sources"]))
@@ -119,7 +126,7 @@ def test_held_out_and_bank_synthesis_write_matching_pairs(pipe, data, tmp_path):
 
 
 def test_synthesis_resumes_from_finished_batches(pipe, data, tmp_path, monkeypatch):
-    store = PatchStore(data[0], None)
+    store = PatchRows(data[0], None)
     s = SynthesisSettings(sampler="ddim", steps=2, batch_size=2)
     items = syn.held_out_items(store, 3, 0, limit=5)
     syn.synthesize(pipe, items, tmp_path / "whole", s)
@@ -228,7 +235,7 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
     assert "resumed from" in caplog.text and "step 4" in caplog.text
 
     cli("synthesize", "--model", model, "--out", tmp_path / "a", "--mode", "held-out", "--dataset", patches, "--config", config)
-    store = PatchStore(patches, "test")
+    store = PatchRows(patches, "test")
     _check_outputs(tmp_path / "a", np.stack([store.raw(i)["map"] for i in range(len(store))]))
     cli("synthesize", "--model", model, "--out", tmp_path / "c", "--mode", "crop-bank", "--dataset", patches,
         "--crop-bank", bank, "--config", config)
@@ -245,11 +252,11 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
 
 def test_cli_flag_hallucinations(pipe, data, tmp_path):
     pytest.importorskip("histopipe.encoders")  # the encoder registry comes from another branch
-    store = PatchStore(data[0], "test")
+    store = PatchRows(data[0], "test")
     syn.synthesize(pipe, syn.held_out_items(store, 3, 0), tmp_path, SynthesisSettings(sampler="ddim", steps=1))
     assert main(["flag-hallucinations", "--synthetic", str(tmp_path / "synthetic.zarr"), "--real", str(data[0]),
                  "--out", str(tmp_path / "flags.csv")]) == 0
     summary = json.loads((tmp_path / "flags.json").read_text())
-    assert summary["n_synthetic"] == len(store) and summary["n_real"] == len(PatchStore(data[0], "train"))
+    assert summary["n_synthetic"] == len(store) and summary["n_real"] == len(PatchRows(data[0], "train"))
     with open(tmp_path / "flags.csv") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == ["000000", "000001"]

@@ -7,17 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
-from diffusion_helpers import tiny_ldm, tiny_vae, write_patch_store
 from torch.utils.data import Subset
 
+from histopipe.cli import main
 from histopipe.diffusion.conditioning import slots_from_image
-from histopipe.diffusion.data import PatchStore
-from histopipe.diffusion.models import build_vae, load_vae
+from histopipe.diffusion.data import open_training_set, store_info
+from histopipe.diffusion.models import build_unet, build_vae, load_vae
 from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import VARIANTS
 from histopipe.diffusion.tasks import LDMTask, VAETask, reference_batch
 from histopipe.diffusion.training import complete_checkpoints, train
+from tests.diffusion_helpers import LABEL_NAMES, tiny_ldm, tiny_vae, write_patch_store
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +33,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = write_patch_store(tmp_path_factory.mktemp("patches") / "patches.zarr")
-    return PatchStore(path, "train")
+    return open_training_set(path, "train")
 
 
 def _vae(seed: int = 0) -> AutoencoderKL:
@@ -40,7 +42,7 @@ def _vae(seed: int = 0) -> AutoencoderKL:
 
 
 def _task(store, s, vae=None):
-    return LDMTask(s, vae or _vae(), 32, store.level_luts, reference_batch(store, 2), store.label_names, 0.5)
+    return LDMTask(s, vae or _vae(), 32, store_info(store.path)["level_luts"], reference_batch(store, 2), LABEL_NAMES, 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def test_save_and_reload_give_the_same_images(overfit, store, tmp_path):
     for name in ("unet", "controlnet", "map_encoder", "vae"):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert loaded.variant == "map_crops" and loaded.config.max_crops == 3 and loaded.config.label_names == store.label_names
+    assert loaded.variant == "map_crops" and loaded.config.max_crops == 3 and loaded.config.label_names == LABEL_NAMES
     after = _sample(loaded, ref["map"], slots, seed=7, guidance=2.0, sampler="dpmpp").images
     # CPU kernels may round differently for tensors at other addresses: ~1e-6.
     assert torch.allclose(before, after, atol=1e-5)
@@ -168,7 +170,7 @@ def test_resume_continues_like_an_uninterrupted_run(store, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_each_variant_trains_and_samples(variant, store, tmp_path):
     curriculum = [{"level": 1, "until_step": 2}] if variant == "map_crops" else []
-    s = tiny_ldm(variant=variant, max_steps=3, sample_every=3, curriculum=curriculum)
+    s = tiny_ldm(variant=variant, max_steps=3, sample_every=3, curriculum=curriculum, grad_accum=2 if variant == "map" else 1)
     result = train(_task(store, s), store, s, tmp_path)
     assert result.step == 3 and np.isfinite(result.losses).all()
     assert (tmp_path / "samples" / "step-0000003.png").is_file()
@@ -192,3 +194,25 @@ def test_vae_training_lowers_reconstruction_loss(store, tmp_path):
     vae = load_vae(tmp_path / "model")
     assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
     assert (tmp_path / "samples" / "step-0000030.png").is_file()
+
+
+def test_frozen_pretrained_unet_trains_only_the_condition_branch(store, tmp_path):
+    torch.manual_seed(1)
+    build_unet(tiny_ldm(), 4, 8).save_pretrained(tmp_path / "sd" / "unet")  # sample_size differs on purpose
+    s = tiny_ldm(pretrained_unet=str(tmp_path / "sd"), max_steps=2)
+    task = _task(store, s)
+    unet_before = {k: v.clone() for k, v in task.model.unet.state_dict().items()}
+    branch_before = {k: v.clone() for k, v in task.model.controlnet.state_dict().items()}
+    train(task, store, s, tmp_path / "run")
+    assert all(torch.equal(unet_before[k], v) for k, v in task.model.unet.state_dict().items())
+    assert any(not torch.equal(branch_before[k], v) for k, v in task.model.controlnet.state_dict().items())
+    assert HistoSynthesisPipeline.from_pretrained(tmp_path / "run" / "model").image_size == 32
+
+
+def test_train_vae_copies_a_pretrained_vae(store, tmp_path):
+    _vae(3).save_pretrained(tmp_path / "sd" / "vae")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"vae": {"pretrained": str(tmp_path / "sd")}}))
+    assert main(["train-vae", "--dataset", str(store.path), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "cfg.yaml")]) == 0
+    a, b = _vae(3).state_dict(), load_vae(tmp_path / "out" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_flag)
 
 
+def _stamp(folder: Path) -> str:
+    """Newest modification time (ns) and total size of the files of a model folder."""
+    files = [p.stat() for p in folder.rglob("*") if p.is_file()]
+    return f"{max((f.st_mtime_ns for f in files), default=0)}-{sum(f.st_size for f in files)}"
+
+
 def _device(name: str):
     import torch
 
@@ -87,18 +93,19 @@ def load_pipeline(path: Path, device):
 
 def run_synthesize(args: argparse.Namespace) -> int:
     from histopipe.diffusion import synthesis as syn
-    from histopipe.diffusion.data import CropBank, PatchStore
+    from histopipe.diffusion.data import BankCrops, PatchRows
     from histopipe.diffusion.settings import synthesis_settings
 
     s = synthesis_settings(load_config(args.config))
     pipe = load_pipeline(args.model, _device(args.device))
-    max_crops = max(int(pipe.config.max_crops), 1)
-    meta = {"model": str(args.model), "mode": args.mode}
+    max_crops = int(pipe.config.max_crops)  # 0 for the variants that read no crops
+    # The stamp makes parts of an interrupted run with an older model of the same path stale.
+    meta = {"model": str(args.model), "model_stamp": _stamp(args.model), "mode": args.mode}
     level_luts = None
     if args.mode in ("held-out", "crop-bank"):
         if args.dataset is None:
             raise HistopipeError(f"--mode {args.mode} needs --dataset")
-        store = PatchStore(args.dataset, args.split)
+        store = PatchRows(args.dataset, args.split)
         level_luts = store.level_luts
         meta.update(dataset=str(args.dataset), split=args.split)
         if args.mode == "held-out":
@@ -109,7 +116,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
             if s.level:
                 raise HistopipeError("crop-bank synthesis works on the finest map level (synthesis.level: 0)")
             meta["crop_bank"] = str(args.crop_bank)
-            items = syn.bank_items(store, CropBank(args.crop_bank), max_crops, s.seed, s.limit, s.min_crop_side)
+            items = syn.bank_items(store, BankCrops(args.crop_bank), max_crops, s.seed, s.limit, s.min_crop_side)
     else:
         if not args.map:
             raise HistopipeError("--mode user-map needs --map")
@@ -139,13 +146,17 @@ def _embed(encoder, images, indices: np.ndarray, batch: int = 64) -> np.ndarray:
 def run_flag(args: argparse.Namespace) -> int:
     import zarr
 
-    from histopipe.diffusion.data import PatchStore, open_group
+    from histopipe.diffusion.data import PatchRows
     from histopipe.diffusion.flagging import flag_hallucinations
     from histopipe.diffusion.settings import synthesis_settings
 
     s = synthesis_settings(load_config(args.config))
-    synthetic = open_group(args.synthetic, ("images", "item_id"), "synthetic store")
-    real = PatchStore(args.real, args.real_split)
+    try:
+        synthetic = zarr.open_group(str(args.synthetic), mode="r")
+        _ = synthetic["images"], synthetic["item_id"]
+    except Exception as err:
+        raise HistopipeError(f"{args.synthetic}: not a synthetic store written by synthesize: {err}") from None
+    real = PatchRows(args.real, args.real_split)
     if len(real) <= s.flag_k:
         raise HistopipeError(f"{args.real}: split {args.real_split} has {len(real)} patches; need more than flag_k={s.flag_k}")
     try:
@@ -154,7 +165,7 @@ def run_flag(args: argparse.Namespace) -> int:
         raise HistopipeError(f"the encoder registry (histopipe.encoders) is not available: {err}") from None
     encoder = get_encoder(s.flag_encoder, device=str(_device(args.device)))
     encoder.eval()
-    real_images = zarr.open_group(str(args.real), mode="r")["images"]
+    real_images = real.root["images"]
     syn_feats = _embed(encoder, synthetic["images"], np.arange(synthetic["images"].shape[0]))
     real_feats = _embed(encoder, real_images, real.indices)
     flags = flag_hallucinations(syn_feats, real_feats, s.flag_k, s.flag_quantile, s.flag_normalize)

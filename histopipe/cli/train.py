@@ -15,6 +15,7 @@ from pathlib import Path
 
 from histopipe.atomic import atomic_path
 from histopipe.config import load_config
+from histopipe.errors import HistopipeError
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _datasets(path: Path):
-    from histopipe.diffusion.data import PatchStore
+    """Train split, the split that gives sample grids (val, else train) and the store's attributes."""
+    from histopipe.diffusion.data import open_training_set, store_info
 
-    train_set = PatchStore(path, "train")
+    info = store_info(path)
+    train_set = open_training_set(path, "train")
     if len(train_set) == 0:
-        from histopipe.errors import HistopipeError
-
         raise HistopipeError(f"{path}: the train split is empty")
-    val_set = PatchStore(path, "val")
-    return train_set, (val_set if len(val_set) else train_set)
+    val_set = open_training_set(path, "val")
+    return train_set, (val_set if len(val_set) else train_set), info
 
 
 def run_vae(args: argparse.Namespace) -> int:
@@ -78,8 +79,8 @@ def run_vae(args: argparse.Namespace) -> int:
             vae.save_pretrained(tmp)
         log.info("copied the pretrained VAE %s to %s", s.pretrained, args.out / MODEL_DIR)
         return 0
-    train_set, val_set = _datasets(args.dataset)
-    task = VAETask(s, train_set.patch_size, reference_batch(val_set, 4), reference_batch(train_set, 64)["image"])
+    train_set, val_set, info = _datasets(args.dataset)
+    task = VAETask(s, info["patch_size"], reference_batch(val_set, 4), reference_batch(train_set, 64)["image"])
     result = train(task, train_set, s, args.out)
     log.info("VAE trained to step %d: %s", result.step, result.model_dir)
     return 0
@@ -93,10 +94,10 @@ def run_ldm(args: argparse.Namespace) -> int:
 
     s = ldm_settings(load_config(args.config))
     vae = load_vae(args.vae)
-    train_set, val_set = _datasets(args.dataset)
+    train_set, val_set, info = _datasets(args.dataset)
     task = LDMTask(
-        s, vae, train_set.patch_size, train_set.level_luts, reference_batch(val_set, 4),
-        label_names=train_set.label_names, mpp=train_set.attrs.get("mpp"),
+        s, vae, info["patch_size"], info["level_luts"], reference_batch(val_set, 4),
+        label_names=info["label_names"], mpp=info.get("mpp"),
     )
     result = train(task, train_set, s, args.out)
     log.info("LDM (%s) trained to step %d: %s", s.variant, result.step, result.model_dir)

@@ -40,6 +40,11 @@ class CropFeaturizer:
         size = self._encoder.spec.input_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+    def _resize(self, crop: torch.Tensor, size: int) -> torch.Tensor:
+        if self._encoder is None:  # thumbnail: mean colour of each of the 4×4 cells
+            return F.adaptive_avg_pool2d(crop, size)
+        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
     @torch.no_grad()
     def __call__(self, slots: CropSlots) -> torch.Tensor:
         b, k = slots.valid.shape
@@ -48,12 +53,7 @@ class CropFeaturizer:
         if not where:
             return out
         size = self.input_size
-        crops = torch.stack(
-            [
-                F.interpolate(slots.crop(i, j)[None].float(), size=(size, size), mode="area" if self._encoder is None else "bilinear", antialias=self._encoder is not None)[0]
-                for i, j in where
-            ]
-        )  # (N, 3, size, size) in [-1, 1]
+        crops = torch.cat([self._resize(slots.crop(i, j)[None].float(), size) for i, j in where])  # (N, 3, size, size)
         if self._encoder is None:
             feats = crops.flatten(1)
         else:

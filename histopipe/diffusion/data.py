@@ -1,144 +1,103 @@
-"""Readers of the training-patch store and the crop bank (data contract #4).
+"""What the diffusion stage reads from a training-patch store and its crop bank (contract #4).
 
-``PatchStore`` yields the same dicts as ``histopipe.dataset.PatchDataset`` (image float32
-(3, S, S) in [-1, 1], map int64 (S, S), crop_boxes int64 (C, 3), crop_labels int64 (C,),
-crop_valid bool (C,)) plus ``index`` (row in the store), so training accepts either. It always
-returns the finest map level; the training loop applies ``level_luts`` itself because the
-curriculum changes the level during a run.
+Training reads ``histopipe.dataset.PatchDataset`` at the finest level and applies
+``level_luts`` itself, because the coarse-to-fine curriculum changes the level during a run.
+Synthesis needs the stored pixels and boxes (``PatchRows``) and crops of the bank at their
+original size (``BankCrops``, over ``histopipe.cropbank.CropBank``), so that a pasted crop
+keeps its physical scale.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
-import torch
 import zarr
-from torch.utils.data import Dataset
 
+from histopipe.cropbank import CropBank
+from histopipe.dataset import SPLITS, open_dataset, read_strings
 from histopipe.errors import HistopipeError
 
-SPLITS = {"train": 0, "val": 1, "test": 2}
-_PATCH_ARRAYS = ("images", "maps", "level_luts", "crop_boxes", "crop_labels", "crop_valid")
+
+def open_training_set(path: str | Path, split: str = "train"):
+    """The patches of ``split`` as a torch Dataset of contract-#4 dicts (finest labels)."""
+    from histopipe.dataset import PatchDataset  # imports torch
+
+    return PatchDataset(path, split, level=0)
 
 
-def open_group(path: str | Path, arrays: tuple[str, ...], what: str) -> zarr.Group:
-    """Open a zarr group read-only and check that it holds ``arrays``."""
-    path = Path(path)
-    if not path.exists():
-        raise HistopipeError(f"{path}: {what} not found")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as err:  # zarr raises several types for a non-store
-        raise HistopipeError(f"{path}: not a zarr store ({type(err).__name__}: {err})") from None
-    missing = [a for a in arrays if a not in group]
-    if missing:
-        raise HistopipeError(f"{path}: {what} lacks array(s) {missing}")
-    return group
+def store_info(path: str | Path) -> dict:
+    """Attributes of a patch store plus ``patch_size`` (px) and ``level_luts`` int64 (L, num_labels)."""
+    root = open_dataset(path)
+    info = dict(root.attrs)
+    info["patch_size"] = int(root["images"].shape[1])
+    info["level_luts"] = np.asarray(root["level_luts"][:], dtype=np.int64)
+    info.setdefault("label_names", [])
+    return info
 
 
-class PatchStore(Dataset):
-    """Patches of one split of a ``patches.zarr`` store (contract #4)."""
+class PatchRows:
+    """Rows of one split of a patch store as stored: uint8 image, uint16 map and crop boxes."""
 
-    def __init__(self, path: str | Path, split: str | None = "train"):
+    def __init__(self, path: str | Path, split: str | None = "test"):
         self.path = Path(path)
-        group = open_group(self.path, _PATCH_ARRAYS, "patch store")
+        self.root = open_dataset(self.path)
         if split is not None and split not in SPLITS:
-            raise HistopipeError(f"{self.path}: unknown split {split!r} (train, val, test)")
-        self.split = split
-        self.attrs = dict(group.attrs)
-        self.level_luts = np.asarray(group["level_luts"][:], dtype=np.int64)
-        if split is None or "split" not in group:
-            self.indices = np.arange(group["images"].shape[0])
-        else:
-            self.indices = np.flatnonzero(np.asarray(group["split"][:]) == SPLITS[split])
-        self.patch_size = int(group["images"].shape[1])
-        self.num_labels = int(self.attrs.get("num_labels", self.level_luts.shape[1]))
-        self.label_names = list(self.attrs.get("label_names", []))
-        self._slide_ids = np.array([str(v) for v in group["slide_id"][:]], dtype=object) if "slide_id" in group else None
-        self._group: zarr.Group | None = None  # opened lazily in each DataLoader worker
+            raise HistopipeError(f"{self.path}: unknown split {split!r} (choose {', '.join(SPLITS)})")
+        codes = np.asarray(self.root["split"][:])
+        self.indices = np.arange(len(codes)) if split is None else np.flatnonzero(codes == SPLITS.index(split))
+        self.level_luts = np.asarray(self.root["level_luts"][:], dtype=np.int64)
+        self.slide_ids = read_strings(self.root["slide_id"])
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_group"] = None
-        return state
-
-    @property
-    def group(self) -> zarr.Group:
-        if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r")
-        return self._group
-
-    @property
-    def level_num_labels(self) -> list[int]:
-        """Label count (incl. background) of each map level, finest first."""
-        return [int(row.max()) + 1 for row in self.level_luts]
-
     def slide_id(self, i: int) -> str:
-        return "" if self._slide_ids is None else str(self._slide_ids[self.indices[i]])
+        return str(self.slide_ids[self.indices[i]])
 
-    def raw(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i`` of the split as stored: image uint8 (S, S, 3), map uint16 (S, S), crops."""
+    def raw(self, i: int) -> dict:
+        """Row ``i`` of the split: index (row in the store), image uint8 (S, S, 3), map uint16
+        (S, S), crop_boxes (C, 3) (y0, x0, side), crop_labels (C,), crop_valid (C,)."""
         n = int(self.indices[i])
-        g = self.group
+        r = self.root
         return {
             "index": n,
-            "image": np.asarray(g["images"][n]),
-            "map": np.asarray(g["maps"][n]),
-            "crop_boxes": np.asarray(g["crop_boxes"][n]),
-            "crop_labels": np.asarray(g["crop_labels"][n]),
-            "crop_valid": np.asarray(g["crop_valid"][n]),
-        }
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        r = self.raw(i)
-        image = torch.from_numpy(r["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {
-            "index": torch.tensor(r["index"]),
-            "image": image,
-            "map": torch.from_numpy(r["map"].astype(np.int64)),
-            "crop_boxes": torch.from_numpy(r["crop_boxes"].astype(np.int64)),
-            "crop_labels": torch.from_numpy(r["crop_labels"].astype(np.int64)),
-            "crop_valid": torch.from_numpy(r["crop_valid"].astype(bool)),
+            "image": np.asarray(r["images"][n]),
+            "map": np.asarray(r["maps"][n]),
+            "crop_boxes": np.asarray(r["crop_boxes"][n]),
+            "crop_labels": np.asarray(r["crop_labels"][n]),
+            "crop_valid": np.asarray(r["crop_valid"][n]),
         }
 
 
-class CropBank:
-    """The crop bank of a patch dataset: crops (M, B, B, 3) uint8 with their region labels."""
+class BankCrops:
+    """Crops of a crop bank drawn by tissue label, resized back to their original side (px)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        group = open_group(self.path, ("crops", "labels", "side"), "crop bank")
-        self.crops = group["crops"]
-        self.labels = np.asarray(group["labels"][:], dtype=np.int64)
-        self.side = np.asarray(group["side"][:], dtype=np.int64)
-        self._by_label = {int(lab): np.flatnonzero(self.labels == lab) for lab in np.unique(self.labels)}
-
-    def __len__(self) -> int:
-        return len(self.labels)
+        self.bank = CropBank(self.path)
+        self.sides = np.asarray(zarr.open_group(str(self.path), mode="r")["side"][:], dtype=np.int64)
+        self.labels = np.asarray(self.bank.labels, dtype=np.int64)
 
     def has(self, label: int) -> bool:
-        return int(label) in self._by_label
+        return self.bank.has(label)
 
     def draw(self, label: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """A random crop of ``label``, resized back to its original side: (uint8 (s, s, 3), row)."""
-        rows = self._by_label[int(label)]
-        row = int(rows[rng.integers(len(rows))])
-        return resize_square(np.asarray(self.crops[row]), int(self.side[row])), row
+        """A random crop of ``label``: (uint8 (s, s, 3) at its original side s, bank row)."""
+        rows = np.flatnonzero(self.labels == int(label))
+        if rows.size == 0:
+            raise HistopipeError(f"{self.path}: no crops of label {label}")
+        row = int(rows[rng.integers(rows.size)])
+        return center_square(self.bank[row], int(self.sides[row])), row
 
 
-def resize_square(image: np.ndarray, side: int) -> np.ndarray:
-    """Centre square of ``image`` (h, w, 3) uint8 resized to ``side`` px (area/bilinear)."""
-    import cv2
-
+def center_square(image: np.ndarray, side: int) -> np.ndarray:
+    """The centre square of ``image`` (h, w, 3) uint8, resized to ``side`` px."""
     h, w = image.shape[:2]
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
     sq = np.ascontiguousarray(image[y0 : y0 + s, x0 : x0 + s])
     if s == side:
         return sq
-    interp = cv2.INTER_AREA if side < s else cv2.INTER_LINEAR
-    return cv2.resize(sq, (side, side), interpolation=interp)
+    return cv2.resize(sq, (side, side), interpolation=cv2.INTER_AREA if side < s else cv2.INTER_LINEAR)

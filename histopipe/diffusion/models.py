@@ -220,6 +220,8 @@ def build_denoiser(
                 f"{s.pretrained_unet}: UNet takes {unet.config.in_channels} latent channels, the VAE gives {vae.config.latent_channels}"
             )
         unet.requires_grad_(False)
+        # The UNet is convolutional: it runs at our latent size, which the pipeline then reports.
+        unet.register_to_config(sample_size=latent_size)
     else:
         unet = build_unet(s, vae.config.latent_channels, latent_size)
     controlnet = map_encoder = crop_encoder = None

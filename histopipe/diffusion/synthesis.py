@@ -36,7 +36,7 @@ from PIL import Image
 
 from histopipe.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from histopipe.diffusion.conditioning import PlacedCrop, slots_from_placed
-from histopipe.diffusion.data import CropBank, PatchStore, resize_square
+from histopipe.diffusion.data import BankCrops, PatchRows, center_square
 from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import SynthesisSettings
 from histopipe.errors import HistopipeError
@@ -95,11 +95,11 @@ def place_crops(
         if side < min_side:
             continue
         pos = sample_square(mask, side, rng)
-        placed.append(PlacedCrop(resize_square(pixels, side), int(label), pos[0], pos[1], source))
+        placed.append(PlacedCrop(center_square(pixels, side), int(label), pos[0], pos[1], source))
     return placed
 
 
-def held_out_items(store: PatchStore, max_crops: int, seed: int, limit: int | None = None, level: int = 0) -> list[SynthesisItem]:
+def held_out_items(store: PatchRows, max_crops: int, seed: int, limit: int | None = None, level: int = 0) -> list[SynthesisItem]:
     """Maps of ``store`` (at map ``level``) with their own crops (the first ``max_crops`` valid ones)."""
     if not 0 <= level < len(store.level_luts):
         raise HistopipeError(f"{store.path}: map level {level} out of range ({len(store.level_luts)} levels)")
@@ -116,7 +116,7 @@ def held_out_items(store: PatchStore, max_crops: int, seed: int, limit: int | No
     return items
 
 
-def bank_items(store: PatchStore, bank: CropBank, max_crops: int, seed: int, limit: int | None = None, min_side: int = 8) -> list[SynthesisItem]:
+def bank_items(store: PatchRows, bank: BankCrops, max_crops: int, seed: int, limit: int | None = None, min_side: int = 8) -> list[SynthesisItem]:
     """Maps of ``store`` with crops drawn at random from the crop bank, by region label."""
     items = []
     for i in range(len(store) if limit is None else min(limit, len(store))):
@@ -163,7 +163,7 @@ def read_crop_folder(folder: Path, label_names: list[str]) -> dict[int, list[tup
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 with Image.open(f) as im:
                     rgb = np.array(im.convert("RGB"))
-                crops.setdefault(label, []).append((resize_square(rgb, min(rgb.shape[:2])), str(f)))
+                crops.setdefault(label, []).append((center_square(rgb, min(rgb.shape[:2])), str(f)))
     if not crops:
         raise HistopipeError(f"{folder}: no crop images found (expected <label>/*.png)")
     return crops
@@ -293,7 +293,7 @@ def _assemble(pipe, items, out_dir: Path, s: SynthesisSettings, meta: dict, leve
         num_labels = max(num_labels, int(pipe.map_encoder.level_num_labels[s.level]))
     label_names = list(pipe.config.label_names)
     with atomic_path(out_dir / "synthetic.zarr") as tmp:
-        g = zarr.open_group(str(tmp), mode="w")
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         images = g.create_array("images", shape=(n, size, size, 3), chunks=(1, size, size, 3), dtype="uint8")
         j = 0
         for b in range(0, n, s.batch_size):

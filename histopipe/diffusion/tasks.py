@@ -219,5 +219,7 @@ def noise_scheduler(s: LDMSettings) -> DDPMScheduler:
         beta_schedule=s.beta_schedule,
         prediction_type=s.prediction_type,
         clip_sample=False,
-        steps_offset=1,
+        # "trailing" spacing starts sampling at the last training step (t = T-1) for any step
+        # count, including all T steps of ancestral DDPM sampling.
+        timestep_spacing="trailing",
     )
