@@ -83,6 +83,17 @@ EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
 ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
 ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
 
+# Generative models (work folders: model/ is the trained model, checkpoints/ logs/ samples/
+# beside it) and synthetic data. {variant} is config ldm.variant; {mode} a synthesize --mode.
+VAE_WORK = "{results}/models/{dataset}/vae"
+VAE_MODEL = "{results}/models/{dataset}/vae/model"
+LDM_WORK = "{results}/models/{dataset}/ldm_{variant}"
+LDM_MODEL = "{results}/models/{dataset}/ldm_{variant}/model"
+SYNTHETIC = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}"
+SYNTHETIC_STORE = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/synthetic.zarr"
+SYNTHETIC_MANIFEST = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/manifest.csv"
+HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/flags.csv"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 LOG = "{results}/logs/{rule}/{name}.log"

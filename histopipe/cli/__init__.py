@@ -25,6 +25,8 @@ COMMANDS = (
     "histopipe.cli.cluster",
     "histopipe.cli.dataset",
     "histopipe.cli.evaluate",
+    "histopipe.cli.train",
+    "histopipe.cli.synthesize",
 )
 
 

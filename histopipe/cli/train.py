@@ -1,0 +1,104 @@
+"""``histopipe train-vae`` and ``histopipe train-ldm``: train the autoencoder and the
+dual-conditioned latent diffusion model on a training-patch store.
+
+Both write into a work folder OUT: ``OUT/model/`` (the ``save_pretrained`` export, renamed
+into place when training ends), ``OUT/checkpoints/checkpoint-<step>/`` (resumable state, newest
+complete one resumed automatically), ``OUT/logs/`` (TensorBoard) and ``OUT/samples/``.
+For several GPUs run them under ``accelerate launch -m histopipe ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from histopipe.atomic import atomic_path
+from histopipe.config import load_config
+from histopipe.errors import HistopipeError
+
+log = logging.getLogger(__name__)
+
+_OUT_HELP = (
+    "work folder: OUT/model (the trained model, written last), OUT/checkpoints (resumed "
+    "automatically after preemption), OUT/logs (TensorBoard), OUT/samples (PNG grids)"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-vae",
+        help="train the autoencoder (AutoencoderKL) on the training patches",
+        description=(
+            "Train an AutoencoderKL (config section `vae`) on the train split of a patch store; "
+            "with vae.pretrained set, copy that frozen VAE to OUT/model instead."
+        ),
+    )
+    p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr (train split trains, val split gives sample grids)")
+    p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
+    p.add_argument("--config", type=Path, help="workflow config YAML (sections `vae`; defaults otherwise)")
+    p.set_defaults(func=run_vae)
+
+    p = sub.add_parser(
+        "train-ldm",
+        help="train the map + crop conditioned latent diffusion model",
+        description=(
+            "Train the latent diffusion model (config section `ldm`: variant, sizes, schedule) "
+            "on the train split of a patch store, in the latent space of a trained VAE."
+        ),
+    )
+    p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr")
+    p.add_argument("--vae", type=Path, required=True, help="AutoencoderKL folder (OUT/model of train-vae, or a pretrained diffusers VAE / pipeline folder)")
+    p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
+    p.add_argument("--config", type=Path, help="workflow config YAML (section `ldm`; defaults otherwise)")
+    p.set_defaults(func=run_ldm)
+
+
+def _datasets(path: Path):
+    """Train split, the split that gives sample grids (val, else train) and the store's attributes."""
+    from histopipe.diffusion.data import open_training_set, store_info
+
+    info = store_info(path)
+    train_set = open_training_set(path, "train")
+    if len(train_set) == 0:
+        raise HistopipeError(f"{path}: the train split is empty")
+    val_set = open_training_set(path, "val")
+    return train_set, (val_set if len(val_set) else train_set), info
+
+
+def run_vae(args: argparse.Namespace) -> int:
+    from histopipe.diffusion.models import load_vae
+    from histopipe.diffusion.settings import vae_settings
+    from histopipe.diffusion.tasks import VAETask, reference_batch
+    from histopipe.diffusion.training import MODEL_DIR, train
+
+    s = vae_settings(load_config(args.config))
+    if s.pretrained:
+        vae = load_vae(s.pretrained)
+        with atomic_path(args.out / MODEL_DIR) as tmp:
+            vae.save_pretrained(tmp)
+        log.info("copied the pretrained VAE %s to %s", s.pretrained, args.out / MODEL_DIR)
+        return 0
+    train_set, val_set, info = _datasets(args.dataset)
+    task = VAETask(s, info["patch_size"], reference_batch(val_set, 4), reference_batch(train_set, 64)["image"])
+    result = train(task, train_set, s, args.out)
+    log.info("VAE trained to step %d: %s", result.step, result.model_dir)
+    return 0
+
+
+def run_ldm(args: argparse.Namespace) -> int:
+    from histopipe.diffusion.models import load_vae
+    from histopipe.diffusion.settings import ldm_settings
+    from histopipe.diffusion.tasks import LDMTask, reference_batch
+    from histopipe.diffusion.training import train
+
+    s = ldm_settings(load_config(args.config))
+    vae = load_vae(args.vae)
+    train_set, val_set, info = _datasets(args.dataset)
+    task = LDMTask(
+        s, vae, info["patch_size"], info["level_luts"], reference_batch(val_set, 4),
+        label_names=info["label_names"], mpp=info.get("mpp"),
+    )
+    result = train(task, train_set, s, args.out)
+    log.info("LDM (%s) trained to step %d: %s", s.variant, result.step, result.model_dir)
+    return 0

@@ -1,0 +1,310 @@
+"""The ``accelerate`` training loop shared by the VAE and the latent diffusion model.
+
+One process per GPU (``accelerate launch``) or a single CPU/GPU process; bf16 autocast on
+CUDA; gradient accumulation; EMA of the trained weights; warm-up + cosine/constant LR.
+
+Resumption: every ``checkpoint_every`` optimizer steps the full state (weights, optimizer,
+LR scheduler, EMA, the explicit random generator, the global RNGs and the step) is written by
+``accelerator.save_state`` into ``checkpoints/.checkpoint-<step>.partial`` and renamed to
+``checkpoints/checkpoint-<step>`` once complete (a rename is atomic, so a job killed while
+saving leaves the previous checkpoint as the newest complete one). Each checkpoint also
+holds ``model/``, the ``save_pretrained`` export with EMA weights, so it can be sampled from.
+On start the newest complete checkpoint is loaded. All randomness of a step (data order,
+augmentation, noise, timesteps, condition dropping) comes from the step count and an explicit
+generator that is checkpointed, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from histopipe.atomic import atomic_path, atomic_write_text
+from histopipe.diffusion.settings import TrainLoopSettings
+from histopipe.errors import HistopipeError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
+MODEL_DIR = "model"  # the save_pretrained export, in the output folder and in each checkpoint
+
+
+class Task(Protocol):
+    """What the loop trains: a module, its loss, sample grids and the final export."""
+
+    name: str  # TensorBoard run name
+    model: nn.Module  # the trained module (frozen parts may live inside with requires_grad False)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move frozen helpers (VAE, feature encoders) to the device in the compute dtype."""
+
+    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
+        """Scalar loss of one micro-batch; all randomness from ``gen``."""
+
+    def sample_grid(self, model: nn.Module) -> np.ndarray | None:
+        """uint8 (H, W, 3) image to log, or None."""
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the trained model (``save_pretrained``) into ``folder``."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step of this run
+    model_dir: Path | None = None
+    resumed_from: int = 0
+
+
+class GeneratorState:
+    """A torch.Generator as a checkpointable object (state_dict / load_state_dict)."""
+
+    def __init__(self, gen: torch.Generator):
+        self.gen = gen
+
+    def state_dict(self) -> dict:
+        return {"state": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["state"])
+
+
+class StreamBatchSampler(Sampler):
+    """Batches of consecutive indices from an endless stream of per-epoch permutations.
+
+    Epoch e is ``randperm(n)`` seeded with ``seed + e``, sharded over processes; batch j of the
+    stream depends only on (seed, j), so training resumes at batch ``start`` with the same
+    data order. Batches may straddle epochs (small datasets still give full batches).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise HistopipeError("the training set is empty")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world = rank, world
+
+    def _epoch(self, e: int) -> list[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+        shard = perm[self.rank :: self.world]
+        return shard or perm  # fewer samples than processes: every process sees them all
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos = self.start * self.batch_size
+        epoch_len = len(self._epoch(0))
+        e, offset = divmod(pos, epoch_len)
+        buf = self._epoch(e)[offset:]
+        while True:
+            while len(buf) < self.batch_size:
+                e += 1
+                buf += self._epoch(e)
+            yield buf[: self.batch_size]
+            buf = buf[self.batch_size :]
+
+
+def mixed_precision_mode(setting: str) -> str:
+    """Config value → accelerate's mode: ``auto`` is bf16 on CUDA and no autocast on CPU."""
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "no" if setting == "fp32" else setting
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place, with a state file) as (step, path), oldest first."""
+    found = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class _EMAWeights:
+    """Context manager: the model holds the EMA weights inside, its own weights after."""
+
+    def __init__(self, ema: EMAModel | None, params: list[nn.Parameter]):
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def train(
+    task: Task,
+    dataset: Dataset,
+    s: TrainLoopSettings,
+    out_dir: str | Path,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``task.model`` on ``dataset`` until ``s.max_steps`` optimizer steps.
+
+    Writes ``out_dir/checkpoints/checkpoint-<step>/``, ``out_dir/logs/`` (TensorBoard),
+    ``out_dir/samples/step-<step>.png`` and finally ``out_dir/model/`` (the export with EMA
+    weights, atomically). ``callback(step, loss)`` runs after every optimizer step (and checkpoint).
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_mode(s.mixed_precision),
+        gradient_accumulation_steps=s.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+    )
+    main = accelerator.is_main_process
+    set_seed(s.seed)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    task.to(accelerator.device, compute_dtype)
+    model = task.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise HistopipeError(f"{task.name}: nothing to train (all parameters are frozen)")
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    n_proc = accelerator.num_processes  # the prepared scheduler steps once per process
+    lr_scheduler = get_scheduler(
+        "cosine" if s.lr_schedule == "cosine" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=s.warmup_steps * n_proc,
+        num_training_steps=s.max_steps * n_proc,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if s.ema_decay > 0:
+        ema = EMAModel(params, decay=s.ema_decay)
+        ema.to(accelerator.device)
+    gen = torch.Generator(device=accelerator.device).manual_seed(s.seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(GeneratorState(gen))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    if main and ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(".checkpoint-*.partial"):
+            shutil.rmtree(p, ignore_errors=True)  # left by a job killed while saving
+    accelerator.wait_for_everyone()
+    done = complete_checkpoints(ckpt_dir)
+    if done:
+        step, path = done[-1]
+        accelerator.load_state(str(path))
+        log.info("%s: resumed from %s (step %d)", task.name, path, step)
+    result = TrainResult(step=step, resumed_from=step)
+
+    sampler = StreamBatchSampler(
+        len(dataset), s.batch_size, s.seed, start=step * s.grad_accum,
+        rank=accelerator.process_index, world=accelerator.num_processes,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.num_workers, pin_memory=accelerator.device.type == "cuda")
+    batches = iter(loader)
+    if main:
+        accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(s).items()})
+    bar = tqdm(total=s.max_steps, initial=step, desc=task.name, disable=not main, dynamic_ncols=True)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    while step < s.max_steps:
+        micro_losses = []
+        for _ in range(s.grad_accum):
+            batch = _to_device(next(batches), accelerator.device)
+            with accelerator.accumulate(model):
+                loss = task.loss(model, batch, gen, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and s.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach().float())
+        step += 1
+        if ema is not None:
+            ema.step(params)
+        loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
+        result.losses.append(loss_value)
+        result.step = step
+        if step % s.log_every == 0 or step == s.max_steps:
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % s.checkpoint_every == 0 or step == s.max_steps:
+            _save_checkpoint(accelerator, task, unwrapped, ema, params, ckpt_dir, step, s.checkpoints_keep)
+        if main and s.sample_every and step % s.sample_every == 0:
+            _write_samples(accelerator, task, unwrapped, ema, params, out_dir, step)
+        if callback is not None:
+            callback(step, loss_value)
+    bar.close()
+
+    final = out_dir / MODEL_DIR
+    if main:
+        model.eval()
+        with _EMAWeights(ema, params), atomic_path(final) as tmp:
+            task.export(unwrapped, tmp)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result.model_dir = final
+    return result
+
+
+def _save_checkpoint(accelerator, task, unwrapped, ema, params, ckpt_dir: Path, step: int, keep: int) -> None:
+    final = ckpt_dir / f"checkpoint-{step}"
+    tmp = ckpt_dir / f".checkpoint-{step}.partial"  # same name in every process
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        was_training = unwrapped.training
+        unwrapped.eval()
+        with _EMAWeights(ema, params):
+            task.export(unwrapped, tmp / MODEL_DIR)
+        unwrapped.train(was_training)
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_samples(accelerator, task, unwrapped, ema, params, out_dir: Path, step: int) -> None:
+    from PIL import Image
+
+    was_training = unwrapped.training
+    unwrapped.eval()
+    with _EMAWeights(ema, params), torch.no_grad():
+        grid = task.sample_grid(unwrapped)
+    unwrapped.train(was_training)
+    if grid is None:
+        return
+    path = out_dir / "samples" / f"step-{step:07d}.png"
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_image("samples", grid, step, dataformats="HWC")

@@ -1,0 +1,218 @@
+"""Training the tiny diffusion model: overfitting, conditioning, guidance, round trips, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from torch.utils.data import Subset
+
+from histopipe.cli import main
+from histopipe.diffusion.conditioning import slots_from_image
+from histopipe.diffusion.data import open_training_set, store_info
+from histopipe.diffusion.models import build_unet, build_vae, load_vae
+from histopipe.diffusion.pipeline import HistoSynthesisPipeline
+from histopipe.diffusion.settings import VARIANTS
+from histopipe.diffusion.tasks import LDMTask, VAETask, reference_batch
+from histopipe.diffusion.training import complete_checkpoints, train
+from tests.diffusion_helpers import LABEL_NAMES, tiny_ldm, tiny_vae, write_patch_store
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = write_patch_store(tmp_path_factory.mktemp("patches") / "patches.zarr")
+    return open_training_set(path, "train")
+
+
+def _vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return build_vae(tiny_vae(), 32)  # frozen and untrained: a fixed map from images to latents
+
+
+def _task(store, s, vae=None):
+    return LDMTask(s, vae or _vae(), 32, store_info(store.path)["level_luts"], reference_batch(store, 2), LABEL_NAMES, 0.5)
+
+
+@pytest.fixture(scope="module")
+def overfit(store, tmp_path_factory):
+    """The map + raw crops model trained on one fixed batch of 4 patches."""
+    s = tiny_ldm(max_steps=120, p_drop_crops=0.2, p_drop_map=0.0)
+    task = _task(store, s)
+    out = tmp_path_factory.mktemp("overfit")
+    result = train(task, Subset(store, [0, 1, 2, 3]), s, out)
+    return task, result, out
+
+
+def _conditions(store, idx):
+    ref = reference_batch(Subset(store, idx), len(idx))
+    slots = slots_from_image(ref["image"], ref["crop_boxes"], ref["crop_labels"], ref["crop_valid"], 3)
+    return ref, slots
+
+
+def _sample(pipe, maps, slots, seed=0, guidance=1.0, sampler="ddim", steps=4):
+    pipe.use_sampler(sampler)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(maps))]
+    return pipe(maps, slots, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt")
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_fixed_batch(overfit):
+    _, result, out = overfit
+    losses = np.array(result.losses)
+    assert len(losses) == 120 and np.isfinite(losses).all()
+    assert losses[-20:].mean() < 0.5 * losses[:10].mean()
+    assert (out / "model" / "model_index.json").is_file()
+    assert [step for step, _ in complete_checkpoints(out / "checkpoints")] == [120]
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_conditioning_changes_the_output(overfit, store):
+    task, _, _ = overfit
+    pipe = task.pipeline(task.model.eval())
+    ref, slots = _conditions(store, [0, 1])
+    maps = ref["map"]
+    base = _sample(pipe, maps, slots).images
+    again = _sample(pipe, maps, slots).images
+    assert torch.equal(base, again)  # same seed, same conditions: same images
+    swapped_maps = _sample(pipe, maps.flip(0), slots).images
+    swapped_crops = _sample(pipe, maps, slots.select(torch.tensor([1, 0]))).images
+    assert (swapped_maps - base).abs().mean() > 1e-3
+    assert (swapped_crops - base).abs().mean() > 1e-3
+    out = pipe(maps.numpy(), slots, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+    assert np.array_equal(out.labels, maps.numpy())  # the label of each image is its map
+
+
+@pytest.mark.slow
+def test_guidance_scale_one_is_the_conditional_prediction(overfit, store):
+    task, _, _ = overfit
+    pipe = task.pipeline(task.model.eval())
+    ref, slots = _conditions(store, [0, 1])
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        cond = pipe.noise_prediction(latents, t, ref["map"], slots, None, with_uncond=False)
+        at_one = pipe.noise_prediction(latents, t, ref["map"], slots, None, guidance_scale=1.0, with_uncond=True)
+        at_three = pipe.noise_prediction(latents, t, ref["map"], slots, None, guidance_scale=3.0)
+        uncond = pipe.noise_prediction(latents, t, ref["map"], slots.dropped(torch.tensor([True, True])), None, with_uncond=False)
+    assert torch.allclose(at_one, cond, atol=1e-5)
+    assert torch.allclose(at_three, uncond + 3 * (cond - uncond), atol=1e-4)
+    assert not torch.allclose(at_three, cond, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_save_and_reload_give_the_same_images(overfit, store, tmp_path):
+    task, _, out = overfit
+    pipe = task.pipeline(task.model.eval())
+    ref, slots = _conditions(store, [2, 3])
+    before = _sample(pipe, ref["map"], slots, seed=7, guidance=2.0, sampler="dpmpp").images
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = HistoSynthesisPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("unet", "controlnet", "map_encoder", "vae"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.variant == "map_crops" and loaded.config.max_crops == 3 and loaded.config.label_names == LABEL_NAMES
+    after = _sample(loaded, ref["map"], slots, seed=7, guidance=2.0, sampler="dpmpp").images
+    # CPU kernels may round differently for tensors at other addresses: ~1e-6.
+    assert torch.allclose(before, after, atol=1e-5)
+    exported = HistoSynthesisPipeline.from_pretrained(out / "model")  # the training export
+    assert exported.variant == "map_crops"
+
+
+@pytest.mark.slow
+def test_resume_continues_like_an_uninterrupted_run(store, tmp_path):
+    s = tiny_ldm(max_steps=4, checkpoint_every=2, ema_decay=0.9, augment_flip=True, augment_stain=0.05, augment_brightness=0.05)
+    full = train(_task(store, s), store, s, tmp_path / "full")
+
+    class Preempted(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        train(_task(store, s), store, s, tmp_path / "cut", callback=kill_at_3)
+    assert [st for st, _ in complete_checkpoints(tmp_path / "cut" / "checkpoints")] == [2]
+    resumed = train(_task(store, s), store, s, tmp_path / "cut")
+    assert resumed.resumed_from == 2 and resumed.step == 4 == full.step
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5, atol=1e-7)
+    for run in ("full", "cut"):
+        state = json.loads((tmp_path / run / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+        assert state["step"] == 4
+    opt_a = torch.load(tmp_path / "full" / "checkpoints" / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    opt_b = torch.load(tmp_path / "cut" / "checkpoints" / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for k in opt_a["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_a["state"][k][name], opt_b["state"][k][name], rtol=1e-5, atol=1e-7)
+    a = HistoSynthesisPipeline.from_pretrained(tmp_path / "full" / "model").unet.state_dict()
+    b = HistoSynthesisPipeline.from_pretrained(tmp_path / "cut" / "model").unet.state_dict()
+    for k in a:  # EMA weights of the export
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_and_samples(variant, store, tmp_path):
+    curriculum = [{"level": 1, "until_step": 2}] if variant == "map_crops" else []
+    s = tiny_ldm(variant=variant, max_steps=3, sample_every=3, curriculum=curriculum, grad_accum=2 if variant == "map" else 1)
+    result = train(_task(store, s), store, s, tmp_path)
+    assert result.step == 3 and np.isfinite(result.losses).all()
+    assert (tmp_path / "samples" / "step-0000003.png").is_file()
+    pipe = HistoSynthesisPipeline.from_pretrained(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.variant == variant
+    assert (pipe.crop_encoder is not None) == (variant == "map_crop_embeddings")
+    ref, slots = _conditions(store, [0, 1])
+    for sampler in ("ddim", "dpmpp"):
+        pipe.use_sampler(sampler)
+        out = pipe(ref["map"], slots, num_images=2, num_inference_steps=2, guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(0))
+        assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+
+
+def test_vae_training_lowers_reconstruction_loss(store, tmp_path):
+    s = tiny_vae(max_steps=30, sample_every=30)
+    task = VAETask(s, 32, reference_batch(store, 2), reference_batch(store, 8)["image"])
+    result = train(task, store, s, tmp_path)
+    assert np.mean(result.losses[-5:]) < 0.7 * np.mean(result.losses[:5])
+    vae = load_vae(tmp_path / "model")
+    assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
+    assert (tmp_path / "samples" / "step-0000030.png").is_file()
+
+
+def test_frozen_pretrained_unet_trains_only_the_condition_branch(store, tmp_path):
+    torch.manual_seed(1)
+    build_unet(tiny_ldm(), 4, 8).save_pretrained(tmp_path / "sd" / "unet")  # sample_size differs on purpose
+    s = tiny_ldm(pretrained_unet=str(tmp_path / "sd"), max_steps=2)
+    task = _task(store, s)
+    unet_before = {k: v.clone() for k, v in task.model.unet.state_dict().items()}
+    branch_before = {k: v.clone() for k, v in task.model.controlnet.state_dict().items()}
+    train(task, store, s, tmp_path / "run")
+    assert all(torch.equal(unet_before[k], v) for k, v in task.model.unet.state_dict().items())
+    assert any(not torch.equal(branch_before[k], v) for k, v in task.model.controlnet.state_dict().items())
+    assert HistoSynthesisPipeline.from_pretrained(tmp_path / "run" / "model").image_size == 32
+
+
+def test_train_vae_copies_a_pretrained_vae(store, tmp_path):
+    _vae(3).save_pretrained(tmp_path / "sd" / "vae")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"vae": {"pretrained": str(tmp_path / "sd")}}))
+    assert main(["train-vae", "--dataset", str(store.path), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "cfg.yaml")]) == 0
+    a, b = _vae(3).state_dict(), load_vae(tmp_path / "out" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "out" / "checkpoints").exists()
