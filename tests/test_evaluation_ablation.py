@@ -42,7 +42,7 @@ from tests.evaluation_helpers import (
 PAPER = {  # variant: (FD ResNet50-BT, FD DINOv2, mIoU synthetic only)
     "unconditional": (430.1, 122.0, 0.63),
     "map_crop_embeddings": (183.0, 289.6, 0.69),
-    "map_raw_crops": (72.0, 52.7, 0.71),
+    "map_crops": (72.0, 52.7, 0.71),
 }
 
 
@@ -70,21 +70,21 @@ def paper_results():
     out = [distribution_json(v, fds[:2]) for v, fds in PAPER.items()]
     out += [segmentation_json(v, "synthetic", fds[2]) for v, fds in PAPER.items()]
     out += [segmentation_json("real", "real", 0.72),
-            segmentation_json("map_raw_crops", "both", 0.74)]
+            segmentation_json("map_crops", "both", 0.74)]
     return out[::-1]  # input order must not matter
 
 
 def test_rows_follow_the_configured_variants_and_real_comes_last(paper_results):
-    order = ("unconditional", "map", "map_crop_embeddings", "map_raw_crops")
+    order = ("unconditional", "map", "map_crop_embeddings", "map_crops")
     table = assemble(paper_results, order)
     assert [r["variant"] for r in table.rows] == [
-        "unconditional", "map_crop_embeddings", "map_raw_crops", "real"]
+        "unconditional", "map_crop_embeddings", "map_crops", "real"]
     assert table.columns[:4] == ["variant", "n_synthetic", "fd:resnet50_bt", "fd:dinov2"]
     assert table.columns[-4:] == ["miou", "mdice", "miou_both", "mdice_both"]
     by = {r["variant"]: r for r in table.rows}
-    assert by["map_raw_crops"]["fd:resnet50_bt"] == 72.0 and by["unconditional"]["fd:dinov2"] == 122.0
+    assert by["map_crops"]["fd:resnet50_bt"] == 72.0 and by["unconditional"]["fd:dinov2"] == 122.0
     assert by["real"]["miou"] == 0.72 and "fd:dinov2" not in by["real"]
-    assert by["map_raw_crops"]["miou_both"] == 0.74
+    assert by["map_crops"]["miou_both"] == 0.74
     assert any("k=5" in n for n in table.notes) and any("500 real test" in n for n in table.notes)
 
 
@@ -167,7 +167,7 @@ def test_table_and_figures_from_real_metric_files(tmp_path):
     images, maps = toy_patches(16, 32, rng)
     real = write_patch_store(tmp_path / "p.zarr", images, maps, np.repeat([0, 2], 8))
     syn_images, syn_maps = toy_patches(8, 32, np.random.default_rng(1))
-    syn = write_synthetic_store(tmp_path / "s.zarr", syn_images, syn_maps, "map_raw_crops")
+    syn = write_synthetic_store(tmp_path / "s.zarr", syn_images, syn_maps, "map_crops")
     settings = EvaluationSettings(encoders=("tiny_a",), device="cpu", knn_k=2, batch_size=8,
                                   segmentation=SegmentationSettings(steps=1, batch_size=2,
                                                                     num_workers=0))
@@ -184,10 +184,10 @@ def test_table_and_figures_from_real_metric_files(tmp_path):
     run_cli("ablation-table", "--inputs", *inputs, "--out", f"{out}.tsv", "--out", f"{out}.md",
             "--out", f"{out}.html")
     rows = list(csv.DictReader(open(f"{out}.tsv"), delimiter="\t"))
-    assert [r["variant"] for r in rows] == ["map_raw_crops", "real"]
+    assert [r["variant"] for r in rows] == ["map_crops", "real"]
     assert float(rows[0]["fd:tiny_a"]) == pytest.approx(dist["encoders"]["tiny_a"]["fd"], rel=1e-5)
     assert float(rows[1]["miou"]) == pytest.approx(seg_real["miou"], rel=1e-5)
-    assert json.loads((tmp_path / "s.json").read_text())["variant"] == "map_raw_crops"
+    assert json.loads((tmp_path / "s.json").read_text())["variant"] == "map_crops"
 
     run_cli("figures", "metrics", "--table", f"{out}.tsv", "--metric", "fd", "--out",
             tmp_path / "fd.png")

@@ -39,7 +39,7 @@ def stores(tmp_path_factory):
     split = np.array([0] * 14 + [1] * 2 + [2] * 8)  # train / val / test, as split by slide
     real = write_patch_store(root / "patches.zarr", images, maps, split)
     syn_images, syn_maps = toy_patches(12, 64, np.random.default_rng(1))
-    syn = write_synthetic_store(root / "synthetic.zarr", syn_images, syn_maps, "map_raw_crops")
+    syn = write_synthetic_store(root / "synthetic.zarr", syn_images, syn_maps, "map_crops")
     return real, syn, maps[split == 2]
 
 
@@ -109,7 +109,7 @@ def test_resized_training_and_pooled_sources(stores, single_thread):
     result = evaluate_segmentation("both", real, syn, tiny(steps=3, image_size=32))
     assert result["network_size"] == 32 and result["patch_size"] == 64
     assert result["train"]["n_patches"] == 14 + 12
-    assert result["variant"] == "map_raw_crops" and result["mode"] == "both"
+    assert result["variant"] == "map_crops" and result["mode"] == "both"
     # Scored at the maps' own 64 px resolution.
     assert np.array(result["confusion"]).sum() == (test_maps != 0).sum()
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histopipe.config import add_config_args
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="YAML",
-                   help="workflow config; its `evaluation` section gives the settings")
+    add_config_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,7 +125,7 @@ def run_distribution(args: argparse.Namespace) -> int:
     from histopipe.evaluation.outputs import write_json, write_tsv
     from histopipe.evaluation.settings import load_settings
 
-    settings = load_settings(args.config).with_overrides(encoders=args.encoders, seed=args.seed)
+    settings = load_settings(args.config, args.config_json).with_overrides(encoders=args.encoders, seed=args.seed)
     real = ImageSet.open(args.real, args.real_split or settings.real_split,
                          settings.max_samples, settings.seed)
     synthetic = ImageSet.open(args.synthetic, args.synthetic_split,
@@ -141,7 +142,7 @@ def run_segmentation(args: argparse.Namespace) -> int:
     from histopipe.evaluation.segmentation import evaluate_segmentation
     from histopipe.evaluation.settings import load_settings
 
-    settings = load_settings(args.config).with_overrides(seed=args.seed)
+    settings = load_settings(args.config, args.config_json).with_overrides(seed=args.seed)
     result = evaluate_segmentation(args.mode, args.train_real, args.train_synthetic, settings,
                                    variant=args.variant)
     write_json(args.out, result)
@@ -152,7 +153,7 @@ def run_ablation(args: argparse.Namespace) -> int:
     from histopipe.evaluation.ablation import assemble, load_results, write_table
     from histopipe.evaluation.settings import load_settings
 
-    order = load_settings(args.config).variants
+    order = load_settings(args.config, args.config_json).variants
     write_table(assemble(load_results(args.inputs), order), args.out)
     return 0
 
@@ -162,7 +163,7 @@ def run_grid(args: argparse.Namespace) -> int:
     from histopipe.evaluation.figures import grid_from_stores, save_png
     from histopipe.evaluation.settings import load_settings
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, args.config_json)
     real = ImageSet.open(args.real, args.real_split or settings.real_split)
     synthetic = ImageSet.open(args.synthetic)
     n = args.n or settings.grid_samples

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from histopipe.config import load_config, section
+from histopipe.config import json_overrides, load_config, section
 from histopipe.errors import ConfigError
 
 SEGMENTATION_MODES = ("real", "synthetic", "both")
@@ -51,7 +51,7 @@ class EvaluationSettings:
     knn_k: int = 5
     seed: int = 0
     batch_size: int = 64
-    variants: tuple[str, ...] = ("unconditional", "map", "map_crop_embeddings", "map_raw_crops")
+    variants: tuple[str, ...] = ("unconditional", "map", "map_crop_embeddings", "map_crops")
     grid_samples: int = 8
     segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
 
@@ -71,9 +71,9 @@ class EvaluationSettings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def load_settings(config_path: str | None = None) -> EvaluationSettings:
+def load_settings(config_path: str | None = None, config_json: str | None = None) -> EvaluationSettings:
     """The ``evaluation`` section of a config file (or the schema defaults), validated."""
-    return section(load_config(config_path), "evaluation", EvaluationSettings)
+    return section(load_config(config_path, json_overrides(config_json)), "evaluation", EvaluationSettings)
 
 
 def resolve_device(device: str) -> torch.device:
