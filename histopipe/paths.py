@@ -92,7 +92,11 @@ LDM_MODEL = "{results}/models/{dataset}/ldm_{variant}/model"
 SYNTHETIC = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}"
 SYNTHETIC_STORE = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/synthetic.zarr"
 SYNTHETIC_MANIFEST = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/manifest.csv"
-HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/flags.csv"
+HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}.flags.csv"
+
+# Figures made for the report. {model} is "vae" or "ldm_<variant>".
+TRAINING_CURVE = "{results}/report/{dataset}/training_{model}.png"
+FLAGS_FIGURE = "{results}/report/{dataset}/flags_{variant}.png"
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"

@@ -106,9 +106,37 @@ class Cohort:
     def dataset(self) -> str:
         return paths.DATASET.format(results=self.results, dataset=self.dataset_id)
 
+    def vae_model(self) -> str:
+        """A pretrained VAE folder from the config, else the one trained on the cohort."""
+        return self.config["vae"].get("pretrained") or paths.VAE_MODEL.format(results=self.results, dataset=self.dataset_id)
+
+    @property
+    def variants(self) -> list[str]:
+        """Model variants to train, synthesise with and evaluate (the ablation's rows)."""
+        variants = list(self.config["evaluation"]["variants"])
+        main = self.config["ldm"]["variant"]
+        return variants if main in variants else [*variants, main]
+
+    def synthetic(self, variant: str) -> str:
+        return paths.SYNTHETIC.format(results=self.results, dataset=self.dataset_id, variant=variant, mode="held-out")
+
+    def segmentation_runs(self) -> list[tuple[str, str]]:
+        """(mode, variant) of every DeepLabv3+ run: each variant on synthetic data only, the
+        published variant on real + synthetic, and the real-data baseline."""
+        runs = [("synthetic", v) for v in self.variants]
+        runs.append(("both", self.config["ldm"]["variant"]))
+        runs.append(("real", "real"))
+        return runs
+
+    def evaluation_outputs(self, kind: str) -> list[str]:
+        r, d = self.results, self.dataset_id
+        if kind == "distribution":
+            return [paths.EVAL_DISTRIBUTION.format(results=r, dataset=d, variant=v) for v in self.variants]
+        return [paths.EVAL_SEGMENTATION.format(results=r, dataset=d, mode=m, variant=v) for m, v in self.segmentation_runs()]
+
     def final_outputs(self) -> list[str]:
         r, d = self.results, self.dataset_id
-        return [
+        out = [
             paths.FAILED_SLIDES.format(results=r),
             paths.TILING_SUMMARY.format(results=r, tiling=self.tiling_id),
             *self.map_files(),
@@ -116,3 +144,15 @@ class Cohort:
             paths.DATASET_INFO.format(results=r, dataset=d),
             paths.CROP_BANK.format(results=r, dataset=d),
         ]
+        for v in self.variants:
+            out += [
+                paths.HALLUCINATION_FLAGS.format(results=r, dataset=d, variant=v, mode="held-out"),
+                paths.EVAL_GRID_PNG.format(results=r, dataset=d, variant=v),
+            ]
+            out.append(paths.FLAGS_FIGURE.format(results=r, dataset=d, variant=v))
+            out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model=f"ldm_{v}"))
+        if not self.config["vae"].get("pretrained"):
+            out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model="vae"))
+        out += [paths.ABLATION_TABLE.format(results=r, dataset=d, ext=e) for e in ("tsv", "md", "html")]
+        out += [paths.ABLATION_FIGURE.format(results=r, dataset=d, metric=m) for m in ("fd", "precision", "recall", "miou")]
+        return out

@@ -25,6 +25,7 @@ COMMANDS = (
     "histopipe.cli.cluster",
     "histopipe.cli.dataset",
     "histopipe.cli.evaluate",
+    "histopipe.cli.report",
     "histopipe.cli.train",
     "histopipe.cli.synthesize",
 )

@@ -53,7 +53,12 @@ rule map_tissue_types:
         tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
     output:
         map=directory(paths.TISSUE_MAP.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}")),
-        png=paths.TISSUE_MAP_PNG.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+        png=report(
+            paths.TISSUE_MAP_PNG.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+            caption="../report/tissue_map.rst",
+            category="Tissue maps",
+            labels={"slide": "{slide}"},
+        ),
         geojson=paths.TISSUE_MAP_GEOJSON.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
     log:
         paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "{slide}")),
@@ -75,7 +80,12 @@ rule map_annotation:
         tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
     output:
         map=directory(paths.ANNOTATION_MAP.format(results=R, tiling=TILING, slide="{slide}")),
-        png=paths.ANNOTATION_MAP_PNG.format(results=R, tiling=TILING, slide="{slide}"),
+        png=report(
+            paths.ANNOTATION_MAP_PNG.format(results=R, tiling=TILING, slide="{slide}"),
+            caption="../report/tissue_map.rst",
+            category="Tissue maps",
+            labels={"slide": "{slide}"},
+        ),
         geojson=paths.ANNOTATION_MAP_GEOJSON.format(results=R, tiling=TILING, slide="{slide}"),
     params:
         labels=config["labels"]["annotation_labels"],
