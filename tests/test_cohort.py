@@ -26,7 +26,7 @@ def test_kmeans_cohort_paths_and_variants(tmp_path):
     assert ("real", "real") in runs and ("both", "map_crops") in runs and len(runs) == 6
     outs = c.final_outputs()
     assert len(outs) == len(set(outs))
-    assert "out/models/%s/vae/model" % c.dataset_id not in outs  # reached through the figures
+    assert f"out/models/{c.dataset_id}/vae/model" not in outs  # reached through the figures
     assert any(o.endswith("training_vae.png") for o in outs)
 
 

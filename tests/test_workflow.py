@@ -148,7 +148,12 @@ def _job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_full_demo_workflow_then_new_slide_with_existing_tissue_types(tmp_path, demo_cohort):
+FAST = ROOT / "tests" / "configs" / "fast.yaml"
+
+
+def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp_path, demo_cohort):
+    """Every stage of the real workflow on four demo slides, the HTML report, and then a new
+    slide assigned to the fitted tissue types without refitting."""
     import json
 
     import numpy as np
@@ -157,24 +162,53 @@ def test_full_demo_workflow_then_new_slide_with_existing_tissue_types(tmp_path, 
 
     sheet = _copy_cohort(demo_cohort, tmp_path / "cohort", ["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
     results = tmp_path / "results"
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", timeout=2400)
+    cfg = ("--config", f"sheet={sheet}", f"results={results}")
+    r = snakemake(tmp_path, "--cores", "2", *cfg, extra_configs=(FAST,), timeout=3000)
     assert r.returncode == 0, r.stderr[-4000:]
+
+    # Tissue types and maps.
     maps = sorted((results / "maps" / "efficientnet_lite0" / TILING / "k8").glob("*.zarr"))
     assert len(maps) == 4
     for m in maps:
-        g = zarr.open_group(str(m), mode="r")
-        lv = np.asarray(g["map"])
+        lv = np.asarray(zarr.open_group(str(m), mode="r")["map"])
         assert lv.shape[0] == 3 and lv.max() <= 8 and (lv[0] > 0).any()
-        assert json.loads((m.with_suffix(".geojson")).read_text())["type"] == "FeatureCollection"
+        assert json.loads(m.with_suffix(".geojson").read_text())["type"] == "FeatureCollection"
     assert (results / "clusters" / "efficientnet_lite0" / TILING / "k8" / "montage.png").stat().st_size > 10_000
+
+    # The patch dataset, split by slide.
     datasets = list((results / "dataset").glob("*/patches.zarr"))
     assert len(datasets) == 1
-    info = json.loads((datasets[0].parent / "info.json").read_text())
+    ds_dir = datasets[0].parent
+    info = json.loads((ds_dir / "info.json").read_text())
     assert info["n_patches"] > 20 and info["num_labels"] == 9
     train_slides = set(info["splits"]["train"]["slides"])
     assert train_slides and not train_slides & set(info["splits"]["test"]["slides"])
     item = PatchDataset(datasets[0], split="train")[0]
     assert item["image"].shape == (3, 64, 64) and item["map"].shape == (64, 64)
+
+    # Models, synthesis and evaluation of both variants.
+    name = ds_dir.name
+    for variant in ("unconditional", "map_crops"):
+        model = results / "models" / name / f"ldm_{variant}" / "model"
+        assert (model / "model_index.json").exists()
+        assert list((model.parent / "checkpoints").glob("checkpoint-*"))
+        syn = zarr.open_group(str(results / "synthetic" / name / f"ldm_{variant}" / "held-out" / "synthetic.zarr"), mode="r")
+        n_test = info["splits"]["test"]["patches"]
+        assert syn["images"].shape == (n_test, 64, 64, 3) and syn["maps"].shape == (n_test, 64, 64)
+        dist = json.loads((results / "evaluation" / name / "distribution" / f"{variant}.json").read_text())
+        assert json.dumps(dist).count("efficientnet_lite0") >= 1
+    table = (results / "evaluation" / name / "ablation.tsv").read_text().splitlines()
+    assert table[0].startswith("variant") and "fd:efficientnet_lite0" in table[0] and "miou" in table[0]
+    assert [row.split("\t")[0] for row in table[1:]] == ["unconditional", "map_crops", "real"]
+
+    # The self-contained HTML report.
+    report = tmp_path / "report.html"
+    r = snakemake(tmp_path, *cfg, "--report", str(report), extra_configs=(FAST,), timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    html = report.read_text(errors="replace")
+    assert report.stat().st_size > 200_000  # the figures are embedded
+    for text in ("Tissue maps", "Real vs synthetic", "Metrics", "Hallucination flags", "Training", "ablation"):
+        assert text in html, text
 
     # A new slide, assigned to the fitted tissue types: only its own per-slide jobs run
     # (plus the cohort-level collections), no refit.
@@ -184,8 +218,7 @@ def test_full_demo_workflow_then_new_slide_with_existing_tissue_types(tmp_path, 
         fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
     reuse = tmp_path / "reuse.yaml"
     reuse.write_text(f"clustering:\n  model: {model}\n")
-    r = snakemake(tmp_path, "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}",
-                  extra_configs=(reuse,))
+    r = snakemake(tmp_path, "-n", "--quiet", "rules", *cfg, extra_configs=(FAST, reuse))
     counts = _job_counts(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts.get("tile_slide") == 1 and counts.get("embed_tiles") == 1 and counts.get("map_tissue_types") == 1
