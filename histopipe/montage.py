@@ -108,6 +108,9 @@ def _read_tiles(pairs: Sequence[tuple[str | Path, str | Path]], chosen: dict[int
     out = {}
     for p, tiles in by_slide.items():
         source = TileSource(pairs[p][1])
-        for t in sorted(set(tiles)):
-            out[(p, t)] = cv2.resize(source[t], (thumb, thumb), interpolation=cv2.INTER_AREA)
+        try:
+            for t in sorted(set(tiles)):
+                out[(p, t)] = cv2.resize(source[t], (thumb, thumb), interpolation=cv2.INTER_AREA)
+        finally:
+            source.close()
     return out

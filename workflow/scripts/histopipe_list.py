@@ -1,6 +1,7 @@
 # Run a histopipe command whose many inputs go through a list file, so that a cohort of
 # thousands of slides never meets the shell's command-length limit.
 import contextlib
+import logging
 import sys
 import tempfile
 
@@ -13,4 +14,6 @@ with open(sm.log[0], "w") as log, tempfile.NamedTemporaryFile("w", suffix=".txt"
     lst.flush()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         rc = main([*map(str, sm.params.args), sm.params.list_flag, lst.name])
+        logging.shutdown()  # the handlers write to the log file, closed below
+        logging.getLogger().handlers.clear()
 sys.exit(rc)
