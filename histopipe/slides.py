@@ -161,12 +161,12 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.shape[2] == 4:
-        alpha = arr[..., 3:4].astype(np.uint16)
-        rgb = arr[..., :3].astype(np.uint16)
-        if alpha.min() < 255:
+        if arr[..., 3].min() < 255:
             # OpenSlide returns premultiplied RGBA: background = rgb + (255 - alpha).
-            rgb = rgb + (255 - alpha)
-        arr = np.clip(rgb, 0, 255).astype(np.uint8)
+            rgb = arr[..., :3].astype(np.uint16) + (255 - arr[..., 3:4].astype(np.uint16))
+            arr = np.minimum(rgb, 255).astype(np.uint8)
+        else:
+            arr = arr[..., :3]  # opaque, the usual case: no arithmetic
     elif arr.shape[2] != 3:
         arr = arr[..., :3]
     if arr.dtype != np.uint8:
