@@ -8,7 +8,6 @@ stride in level-0 px. Value 0 is background (no tile), t + 1 is tissue type t. T
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,34 +23,10 @@ from shapely.geometry import box, mapping
 from histopipe.atomic import atomic_path, atomic_write_text
 from histopipe.clustering import ClusterModel
 from histopipe.errors import HistopipeError
+from histopipe.palette import palette
 from histopipe.sampling import store_info
 from histopipe.slides import open_slide
 from histopipe.tiling import TileStore
-
-# Twenty well-separated colours first (the coarse levels use only these), then golden-angle
-# hues; fixed, so that type t has the same colour in every slide, overlay and montage.
-_BASE_COLOURS = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-]
-
-
-def palette(num_labels: int) -> np.ndarray:
-    """uint8 (num_labels, 3) RGB colours; index 0 (background) is white."""
-    out = np.zeros((max(num_labels, 1), 3), dtype=np.uint8)
-    out[0] = (255, 255, 255)
-    for label in range(1, num_labels):
-        t = label - 1
-        if t < len(_BASE_COLOURS):
-            out[label] = _BASE_COLOURS[t]
-        else:
-            h = (t * 0.618033988749895) % 1.0
-            s = 0.55 + 0.4 * ((t * 7) % 5) / 4
-            v = 0.6 + 0.35 * ((t * 3) % 4) / 3
-            out[label] = [round(255 * c) for c in colorsys.hsv_to_rgb(h, s, v)]
-    return out
 
 
 @dataclass(frozen=True)

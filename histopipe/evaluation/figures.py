@@ -7,7 +7,6 @@ is black; labels 1-20 take a fixed qualitative palette, higher labels golden-ang
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,29 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from histopipe.atomic import atomic_path
 from histopipe.errors import HistopipeError
-
-# Tableau-20 (as in matplotlib's tab20), so small label spaces get well separated colours.
-_QUALITATIVE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-)
+from histopipe.palette import palette
 
 
 def tissue_palette(num_labels: int) -> np.ndarray:
-    """Fixed colours uint8 (num_labels, 3) for labels 0..num_labels-1 (0 = background, black)."""
-    out = np.zeros((max(num_labels, 1), 3), dtype=np.uint8)
-    for label in range(1, num_labels):
-        t = label - 1
-        if t < len(_QUALITATIVE):
-            out[label] = _QUALITATIVE[t]
-        else:
-            hue = (t * 0.618033988749895) % 1.0
-            sat = (0.55, 0.8, 0.95)[t % 3]
-            val = (0.95, 0.75, 0.55)[(t // 3) % 3]
-            out[label] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)]
-    return out
+    """The tissue maps' colours (histopipe.palette) with a black background, uint8 (num_labels, 3)."""
+    return palette(num_labels, background=(0, 0, 0))
 
 
 def colour_map(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -151,7 +133,7 @@ def metric_panels(table, metric: str, out: str | Path) -> None:
     fig, axes = plt.subplots(1, len(columns), figsize=(0.6 + 0.55 * len(variants) * len(columns)
                                                        + 1.2 * len(columns), 3.2), squeeze=False)
     # A variant keeps its colour in every chart of one table.
-    colours = [tuple(c / 255 for c in _QUALITATIVE[table.rows.index(r) % 20]) for r in rows]
+    colours = [tuple(c / 255 for c in palette(21)[1 + table.rows.index(r) % 20]) for r in rows]
     for ax, column in zip(axes[0], columns, strict=True):
         values = [row.get(column) for row in rows]
         heights = [v if isinstance(v, (int, float)) else 0.0 for v in values]

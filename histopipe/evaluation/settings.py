@@ -78,12 +78,9 @@ def load_settings(config_path: str | None = None, config_json: str | None = None
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` means the first CUDA GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from histopipe.encoders.registry import resolve_device as resolve
+
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
+        return resolve(device)
+    except (ConfigError, RuntimeError) as err:
         raise ConfigError(f"config.evaluation.device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config.evaluation.device: {device} requested but no CUDA GPU is visible")
-    return dev
