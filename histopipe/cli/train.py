@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", type=Path, required=True, help="AutoencoderKL folder (OUT/model of train-vae, or a pretrained diffusers VAE / pipeline folder)")
     p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
     p.add_argument("--config", type=Path, help="workflow config YAML (section `ldm`; defaults otherwise)")
+    p.add_argument(
+        "--variant", choices=("unconditional", "map", "map_crop_embeddings", "map_crops"),
+        help="override ldm.variant (one rule can then train every ablation with one config)",
+    )
     p.set_defaults(func=run_ldm)
 
 
@@ -92,7 +96,7 @@ def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.tasks import LDMTask, reference_batch
     from histopipe.diffusion.training import train
 
-    s = ldm_settings(load_config(args.config))
+    s = ldm_settings(load_config(args.config, {"ldm": {"variant": args.variant}} if args.variant else None))
     vae = load_vae(args.vae)
     train_set, val_set, info = _datasets(args.dataset)
     task = LDMTask(
