@@ -20,10 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+DEMO_ARGS = --profile profiles/local --configfile config/config.yaml config/demo.yaml \
+	--config sheet=$(DEMO_DIR)/slides.tsv
+
+# The whole workflow on the demo cohort (demo-scale settings), then its HTML report.
 demo: venv
 	$(BIN)/histopipe demo-cohort $(DEMO_DIR)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES) \
-		--config sheet=$(DEMO_DIR)/slides.tsv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) $(DEMO_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake $(DEMO_ARGS) --report results/report.html
+	@echo "demo done: results/ and results/report.html"
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
@@ -32,4 +37,4 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check histopipe tests benchmarks
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint --config sheet=config/slides.tsv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint $(DEMO_ARGS)

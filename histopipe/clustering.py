@@ -2,7 +2,9 @@
 
 Fitting never holds the cohort in memory: k-means runs on a bounded, diversity-sampled
 subset (``histopipe.sampling``: at most ``per_slide_cap`` tiles per slide covering its
-embedding space, at most ``total_cap`` in all, one slide read at a time).
+embedding space, at most ``total_cap`` in all), drawn either from the embedding stores, one
+slide read at a time (``fit``), or from per-slide sample stores written by independent jobs
+(``fit_samples``, ``histopipe.slide_samples``); both give the same model.
 
 Clusters whose within-cluster variance is far above the rest (``resplit_factor`` × the
 median) are split in two, and for every split the pair of clusters whose merge costs least
@@ -32,6 +34,7 @@ import numpy as np
 from histopipe.atomic import atomic_path
 from histopipe.errors import ConfigError, HistopipeError
 from histopipe.sampling import (
+    CohortSample,
     StoreInfo,
     check_compatible,
     iter_feature_blocks,
@@ -39,6 +42,7 @@ from histopipe.sampling import (
     sample_cohort,
     store_info,
 )
+from histopipe.slide_samples import cohort_from_samples
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +322,17 @@ class ClusterModel:
 
 def fit(paths: Sequence[str | Path], cfg: ClusterConfig) -> ClusterModel:
     """Fit tissue types on a diversity-sampled subset of the cohort's embedding stores."""
-    sample = sample_cohort(paths, cfg.per_slide_cap, cfg.total_cap, cfg.seed, cfg.normalize, cfg.workers)
+    return fit_sample(sample_cohort(paths, cfg.per_slide_cap, cfg.total_cap, cfg.seed, cfg.normalize, cfg.workers), cfg)
+
+
+def fit_samples(paths: Sequence[str | Path], cfg: ClusterConfig) -> ClusterModel:
+    """Fit tissue types from per-slide sample stores (``histopipe sample-embeddings``),
+    reading each slide's prefix of its quota; the embedding stores are not opened."""
+    return fit_sample(cohort_from_samples(paths, cfg.per_slide_cap, cfg.total_cap, cfg.seed, cfg.normalize), cfg)
+
+
+def fit_sample(sample: CohortSample, cfg: ClusterConfig) -> ClusterModel:
+    """k-means, re-split and Ward levels on a cohort sample; the model records its sizes."""
     shared = check_compatible(sample.stores)
     x = sample.features
     log.info("k-means: %d sampled tiles from %d slides, D=%d, k=%d", len(x), len(sample.stores), x.shape[1], cfg.k)

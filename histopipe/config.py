@@ -118,3 +118,14 @@ def section(cfg: dict, name: str, cls: type[T]) -> T:
     if unknown:
         raise ConfigError(f"config.{name}: unknown keys {sorted(unknown)}")
     return cls(**values)
+
+
+def add_config_args(parser) -> None:
+    """``--config FILE`` and ``--config-json JSON`` on a subcommand (see config_from_args)."""
+    parser.add_argument("--config", type=Path, default=None, help="workflow config YAML (defaults for keys it leaves out)")
+    parser.add_argument("--config-json", default=None, help="config sections as JSON, merged over --config (used by the workflow)")
+
+
+def config_from_args(args) -> dict:
+    """The validated config of a subcommand: ``--config`` with ``--config-json`` merged over it."""
+    return load_config(getattr(args, "config", None), json_overrides(getattr(args, "config_json", None)))

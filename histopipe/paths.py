@@ -22,6 +22,11 @@ def tiling_id(mpp: float, tile_size: int, overlap: int = 0) -> str:
     return tid
 
 
+def encoder_id(name: str) -> str:
+    """Path-safe name of an encoder: ``timm:resnet50`` → ``timm-resnet50``."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 # Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
@@ -30,10 +35,17 @@ TILES = "{results}/tiles/{tiling}/{slide}.zarr"
 TILE_QC = "{results}/tiles/{tiling}/qc/{slide}"
 TILING_SUMMARY = "{results}/qc/tiling_{tiling}.tsv"
 
+# Per-slide embeddings of the tiles (features (N, D), coords (N, 2)); {encoder} is the
+# registry name through encoder_id(), e.g. efficientnet_lite0, uni or timm-resnet50.
+EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
+
 # Tissue types. One cluster model per encoder, tiling and k (or the config's
 # clustering.model when a cohort is reprocessed with existing types); maps per slide
 # (contract #3) with a PNG overlay and QuPath GeoJSON beside each. Annotated slides get
 # their map from the annotation instead (same grid, no encoder or k in the path).
+# Per-slide diversity samples (histopipe.slide_samples) do not depend on k: one set serves
+# the models of every k.
+CLUSTER_SAMPLE = "{results}/clusters/{encoder}/{tiling}/samples/{slide}.zarr"
 CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
 CLUSTER_MODEL = CLUSTER_DIR + "/model"
 CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"
@@ -61,6 +73,16 @@ def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> s
     return pid
 
 
+# Evaluation of one dataset's synthetic variants (`variant` as in config evaluation.variants;
+# `mode` is real | synthetic | both, the data DeepLabv3+ is trained on; the `real` baseline
+# is variant "real" in mode "real").
+EVAL_DISTRIBUTION = "{results}/evaluation/{dataset}/distribution/{variant}.json"
+EVAL_DISTRIBUTION_TSV = "{results}/evaluation/{dataset}/distribution/{variant}.tsv"
+EVAL_SEGMENTATION = "{results}/evaluation/{dataset}/segmentation/{mode}/{variant}.json"
+EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
+ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
+ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
+
 # Generative models (work folders: model/ is the trained model, checkpoints/ logs/ samples/
 # beside it) and synthetic data. {variant} is config ldm.variant; {mode} a synthesize --mode.
 VAE_WORK = "{results}/models/{dataset}/vae"
@@ -70,7 +92,11 @@ LDM_MODEL = "{results}/models/{dataset}/ldm_{variant}/model"
 SYNTHETIC = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}"
 SYNTHETIC_STORE = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/synthetic.zarr"
 SYNTHETIC_MANIFEST = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/manifest.csv"
-HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/flags.csv"
+HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}.flags.csv"
+
+# Figures made for the report. {model} is "vae" or "ldm_<variant>".
+TRAINING_CURVE = "{results}/report/{dataset}/training_{model}.png"
+FLAGS_FIGURE = "{results}/report/{dataset}/flags_{variant}.png"
 
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"

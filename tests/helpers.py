@@ -15,8 +15,14 @@ def run_cli(*args, cwd: Path | None = None, timeout: int = 600) -> subprocess.Co
                           cwd=cwd, timeout=timeout)
 
 
-def snakemake(workdir: Path, *args, timeout: int = 1200, profile: str = "profiles/local") -> subprocess.CompletedProcess:
-    """Run the real workflow (this checkout's Snakefile) with ``workdir`` as working directory."""
+def snakemake(workdir: Path, *args, timeout: int = 1200, profile: str = "profiles/local",
+              demo: bool = True, extra_configs: tuple = ()) -> subprocess.CompletedProcess:
+    """Run the real workflow (this checkout's Snakefile) with ``workdir`` as working directory.
+
+    ``demo`` lays config/demo.yaml (demo-scale settings) over config/config.yaml.
+    """
+    configs = [str(ROOT / "config" / "config.yaml")] + ([str(ROOT / "config" / "demo.yaml")] if demo else [])
+    configs += [str(c) for c in extra_configs]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--profile", str(ROOT / profile), "--configfile", str(ROOT / "config" / "config.yaml"), *map(str, args)]
+           "--profile", str(ROOT / profile), *map(str, args), "--configfile", *configs]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -226,11 +226,11 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
         assert main([str(a) for a in args]) == 0
 
     ldm_args = ("train-ldm", "--dataset", patches, "--vae", tmp_path / "vae" / "model", "--out", tmp_path / "ldm", "--config", config,
-                "--variant", "map_crops")
+                "--config-json", json.dumps({"ldm": {"variant": "map_crops"}}))
     cli(*ldm_args)
     model = tmp_path / "ldm" / "model"
     assert (model / "model_index.json").is_file() and (tmp_path / "ldm" / "samples" / "step-0000004.png").is_file()
-    # --variant overrides the config's map-only variant: the branch reads map + 3 crop slots.
+    # --config-json overrides the file's map-only variant: the branch reads map + 3 crop slots.
     embed = preset["ldm"]["map_embed_dim"]
     assert json.loads((model / "controlnet" / "config.json").read_text())["conditioning_channels"] == embed + 3 * (3 + embed)
     assert sorted(p.name for p in (tmp_path / "ldm" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]

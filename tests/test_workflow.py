@@ -16,8 +16,11 @@ from tests.helpers import ROOT, snakemake
 pytestmark = pytest.mark.slow
 
 
+TILING = "mpp0.5_px256_ov128"  # config/demo.yaml
+
+
 def _stores(results: Path) -> list[Path]:
-    return sorted((results / "tiles" / "mpp0.5_px256").glob("*.zarr"))
+    return sorted((results / "tiles" / TILING).glob("*.zarr"))
 
 
 def _assert_valid_store(path: Path) -> None:
@@ -33,20 +36,20 @@ def test_lint_is_clean(tmp_path, demo_cohort):
 
 def test_demo_tiling_runs_and_rerun_recomputes_nothing(tmp_path, demo_cohort):
     results = tmp_path / "results"
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
     assert r.returncode == 0, r.stderr[-3000:]
     stores = _stores(results)
     assert [p.stem for p in stores] == sorted(e.slide_id for e in read_sheet(demo_cohort))
     for p in stores:
         _assert_valid_store(p)
-    summary = (results / "qc" / "tiling_mpp0.5_px256.tsv").read_text().splitlines()
+    summary = (results / "qc" / f"tiling_{TILING}.tsv").read_text().splitlines()
     rows = {line.split("\t")[0]: line.split("\t") for line in summary[1:]}
     assert rows["cmu1_subifd"][5] == "tiffslide" and rows["cmu1_small_region"][5] == "openslide"
     assert int(rows["cmu1_mosaic_40x"][2]) > int(rows["cmu1_small_region"][2])  # 2x2 mosaic: more tissue
     assert (results / "qc" / "failed_slides.tsv").read_text().splitlines() == ["slide_id\tslide_path\treason"]
-    assert (results / "logs" / "tile_slide" / "mpp0.5_px256" / "cmu1_gaps.log").exists()
+    assert (results / "logs" / "tile_slide" / TILING / "cmu1_gaps.log").exists()
     mtimes = {p: p.stat().st_mtime for p in stores}
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
     assert r.returncode == 0
     assert "Nothing to be done" in r.stdout + r.stderr
     assert {p: p.stat().st_mtime for p in stores} == mtimes
@@ -83,27 +86,27 @@ def test_corrupt_slide_skip_and_fail_policies(tmp_path, demo_cohort):
     with open(sheet, "a") as fh:
         fh.write(f"broken\t{truncated}\n")
     results = tmp_path / "skip"
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=skip")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=skip")
     assert r.returncode == 0, r.stderr[-3000:]
     failed = (results / "qc" / "failed_slides.tsv").read_text().splitlines()
     assert len(failed) == 2 and failed[1].startswith("broken\t") and "truncated.svs" in failed[1]
     assert len(_stores(results)) == 3
     results = tmp_path / "fail"
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=fail")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", "on_error=fail")
     assert r.returncode != 0
     assert "truncated.svs" in r.stdout + r.stderr
-    assert not (results / "tiles" / "mpp0.5_px256" / "broken.zarr").exists()
+    assert not (results / "tiles" / TILING / "broken.zarr").exists()
 
 
 def test_new_slides_only_run_their_own_jobs(tmp_path, demo_cohort):
     sheet = _copy_cohort(demo_cohort, tmp_path, ["cmu1_small_region", "cmu1_generic"])
     results = tmp_path / "results"
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={sheet}", f"results={results}")
     assert r.returncode == 0, r.stderr[-3000:]
     new = [e for e in read_sheet(demo_cohort) if e.slide_id == "cmu1_gaps"][0]
     with open(sheet, "a") as fh:
         fh.write(f"cmu1_gaps\t{new.path}\n")
-    r = snakemake(tmp_path, "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}")
+    r = snakemake(tmp_path, "collect_failures", "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2 and line.split()[1].isdigit()}
@@ -114,7 +117,8 @@ def test_killed_run_resumes_without_corrupt_outputs(tmp_path, demo_cohort):
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
            "--profile", str(ROOT / "profiles/local"), "--configfile", str(ROOT / "config/config.yaml"),
-           "--cores", "1", "--config", f"sheet={demo_cohort}", f"results={results}"]
+           str(ROOT / "config/demo.yaml"), "--cores", "1", "collect_failures",
+           "--config", f"sheet={demo_cohort}", f"results={results}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not _stores(results):
@@ -127,9 +131,63 @@ def test_killed_run_resumes_without_corrupt_outputs(tmp_path, demo_cohort):
         _assert_valid_store(p)  # whatever exists under a final name is complete
     r = snakemake(tmp_path, "--unlock", "--config", f"sheet={demo_cohort}", f"results={results}")
     assert r.returncode == 0
-    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
+    r = snakemake(tmp_path, "collect_failures", "--cores", "2", "--config", f"sheet={demo_cohort}", f"results={results}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_stores(results)) == 5
     for p in _stores(results):
         _assert_valid_store(p)
     assert not list(results.rglob(".*.partial"))
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_full_demo_workflow_then_new_slide_with_existing_tissue_types(tmp_path, demo_cohort):
+    import json
+
+    import numpy as np
+
+    from histopipe.dataset import PatchDataset
+
+    sheet = _copy_cohort(demo_cohort, tmp_path / "cohort", ["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
+    results = tmp_path / "results"
+    r = snakemake(tmp_path, "--cores", "2", "--config", f"sheet={sheet}", f"results={results}", timeout=2400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    maps = sorted((results / "maps" / "efficientnet_lite0" / TILING / "k8").glob("*.zarr"))
+    assert len(maps) == 4
+    for m in maps:
+        g = zarr.open_group(str(m), mode="r")
+        lv = np.asarray(g["map"])
+        assert lv.shape[0] == 3 and lv.max() <= 8 and (lv[0] > 0).any()
+        assert json.loads((m.with_suffix(".geojson")).read_text())["type"] == "FeatureCollection"
+    assert (results / "clusters" / "efficientnet_lite0" / TILING / "k8" / "montage.png").stat().st_size > 10_000
+    datasets = list((results / "dataset").glob("*/patches.zarr"))
+    assert len(datasets) == 1
+    info = json.loads((datasets[0].parent / "info.json").read_text())
+    assert info["n_patches"] > 20 and info["num_labels"] == 9
+    train_slides = set(info["splits"]["train"]["slides"])
+    assert train_slides and not train_slides & set(info["splits"]["test"]["slides"])
+    item = PatchDataset(datasets[0], split="train")[0]
+    assert item["image"].shape == (3, 64, 64) and item["map"].shape == (64, 64)
+
+    # A new slide, assigned to the fitted tissue types: only its own per-slide jobs run
+    # (plus the cohort-level collections), no refit.
+    model = results / "clusters" / "efficientnet_lite0" / TILING / "k8" / "model"
+    new = [e for e in read_sheet(demo_cohort) if e.slide_id == "cmu1_mosaic_40x"][0]
+    with open(sheet, "a") as fh:
+        fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
+    reuse = tmp_path / "reuse.yaml"
+    reuse.write_text(f"clustering:\n  model: {model}\n")
+    r = snakemake(tmp_path, "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}",
+                  extra_configs=(reuse,))
+    counts = _job_counts(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert counts.get("tile_slide") == 1 and counts.get("embed_tiles") == 1 and counts.get("map_tissue_types") == 1
+    assert counts.get("extract_patches") == 1
+    assert "fit_kmeans" not in counts and "sample_embeddings" not in counts

@@ -21,8 +21,11 @@ from histopipe.errors import HistopipeError
 COMMANDS = (
     "histopipe.cli.demo",
     "histopipe.cli.slides",
+    "histopipe.cli.embed",
     "histopipe.cli.cluster",
     "histopipe.cli.dataset",
+    "histopipe.cli.evaluate",
+    "histopipe.cli.report",
     "histopipe.cli.train",
     "histopipe.cli.synthesize",
 )

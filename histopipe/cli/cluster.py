@@ -1,5 +1,5 @@
-"""Tissue types: ``fit-clusters``, ``assign-clusters``, ``annotation-map``, ``cluster-montage``,
-``train-student``, ``predict-tissue-types``."""
+"""Tissue types: ``sample-embeddings``, ``fit-clusters``, ``assign-clusters``,
+``annotation-map``, ``cluster-montage``, ``train-student``, ``predict-tissue-types``."""
 
 from __future__ import annotations
 
@@ -19,28 +19,43 @@ BACKENDS = ["auto", "openslide", "tiffslide"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "sample-embeddings", help="diversity-sample one slide's embedding store for fitting tissue types",
+        description=(
+            "Choose up to PER_SLIDE_CAP tiles (count) of one slide covering its embedding space (nearest "
+            "tiles to per-slide k-means centroids), order them by farthest-point traversal so that every "
+            "prefix is itself a covering subset, and write a small sample store (features float32 (m, D), "
+            "normalised; rows int64 (m,)) that fit-clusters --samples reads instead of the embedding store."),
+    )
+    e.add_argument("embeddings", type=Path, help="embedding store (.zarr) of the slide")
+    e.add_argument("--out", type=Path, required=True, help="output sample store (.zarr)")
+    _config_args(e)
+    _sampling_args(e)
+    e.set_defaults(func=run_sample)
+
     f = sub.add_parser(
-        "fit-clusters", help="fit tissue types (k-means) on a cohort's embedding stores",
+        "fit-clusters", help="fit tissue types (k-means) on a cohort's embedding stores or per-slide samples",
         description=(
             "Sample up to PER_SLIDE_CAP tiles per slide (nearest tiles to per-slide k-means centroids, "
             "covering the slide's embedding space) and at most TOTAL_CAP in all, reading one slide at a "
-            "time; fit faiss k-means with K clusters, re-split high-variance clusters, and build nested "
-            "coarser LEVELS from one Ward tree over the centroids. Writes a model folder "
-            "(centroids.npy, level_luts.npy, model.json)."),
+            "time, or read each slide's prefix of its quota from sample stores (--samples, from "
+            "sample-embeddings: the same sample, without opening the embedding stores); fit faiss k-means "
+            "with K clusters, re-split high-variance clusters, and build nested coarser LEVELS from one "
+            "Ward tree over the centroids. Writes a model folder (centroids.npy, level_luts.npy, model.json)."),
     )
     f.add_argument("embeddings", nargs="*", type=Path, help="embedding stores (.zarr), one per slide")
     f.add_argument("--list", type=Path, default=None, help="text file with one embedding store path per line (for large cohorts)")
+    f.add_argument("--samples", nargs="+", type=Path, default=[], help="sample stores (.zarr) from sample-embeddings, one per slide")
+    f.add_argument("--samples-list", type=Path, default=None, help="text file with one sample store path per line")
     f.add_argument("--out", type=Path, required=True, help="output model folder")
     _config_args(f)
     f.add_argument("--k", type=int, default=None, help="number of tissue types (default 100)")
     f.add_argument("--levels", default=None, help="comma-separated type counts per level, including k (default 5,10,20,50,100)")
-    f.add_argument("--seed", type=int, default=None, help="seed of sampling and k-means (default 0)")
     f.add_argument("--niter", type=int, default=None, help="k-means iterations (default 25)")
-    f.add_argument("--per-slide-cap", type=int, default=None, help="most tiles sampled per slide (default 1000)")
+    _sampling_args(f)
     f.add_argument("--total-cap", type=int, default=None, help="most tiles sampled from the cohort (default 200000)")
-    f.add_argument("--normalize", choices=["l2", "none"], default=None, help="l2: cosine (spherical) k-means; none: Euclidean (default l2)")
     f.add_argument("--resplit-factor", type=float, default=None, help="re-split clusters whose variance exceeds this × the median; 0 disables (default 3)")
-    f.add_argument("--workers", type=int, default=None, help="processes sampling slides in parallel (default 1)")
+    f.add_argument("--workers", type=int, default=None, help="processes sampling embedding stores in parallel (default 1)")
     f.set_defaults(func=run_fit)
 
     a = sub.add_parser(
@@ -95,6 +110,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-json", default=None, help="config sections as JSON, merged over --config (used by the workflow)")
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    # Shared by sample-embeddings and fit-clusters: the fit checks that the samples used the same.
+    p.add_argument("--seed", type=int, default=None, help="seed of sampling and k-means (default 0)")
+    p.add_argument("--per-slide-cap", type=int, default=None, help="most tiles sampled per slide (default 1000)")
+    p.add_argument("--normalize", choices=["l2", "none"], default=None, help="l2: cosine (spherical) k-means; none: Euclidean (default l2)")
+
+
 def _view_args(p: argparse.ArgumentParser, slide: bool = True) -> None:
     p.add_argument("--png", type=Path, default=None, help="write a PNG overlay of the map on the slide thumbnail")
     p.add_argument("--geojson", type=Path, default=None, help="write QuPath GeoJSON polygons (level-0 px), one annotation per type")
@@ -110,10 +132,9 @@ def cluster_config(args: argparse.Namespace):
     from histopipe.clustering import ClusterConfig
 
     cfg = load_config(args.config, json_overrides(args.config_json))
-    flags = {"k": args.k, "seed": args.seed, "niter": args.niter, "per_slide_cap": args.per_slide_cap,
-             "total_cap": args.total_cap, "normalize": args.normalize, "resplit_factor": args.resplit_factor,
-             "workers": args.workers}
-    if args.levels is not None:
+    names = ("k", "seed", "niter", "per_slide_cap", "total_cap", "normalize", "resplit_factor", "workers")
+    flags = {name: getattr(args, name, None) for name in names}  # each command has a subset of the flags
+    if getattr(args, "levels", None) is not None:
         try:
             flags["levels"] = tuple(int(v) for v in args.levels.split(","))
         except ValueError:
@@ -136,14 +157,30 @@ def _read_list(path: Path, columns: int) -> list[list[Path]]:
     return rows
 
 
+def run_sample(args: argparse.Namespace) -> int:
+    from histopipe.sampling import sample_slide
+    from histopipe.slide_samples import write_sample
+
+    cfg = cluster_config(args)
+    sample = sample_slide(args.embeddings, cfg.per_slide_cap, cfg.seed, cfg.normalize)
+    write_sample(args.out, sample, cfg.per_slide_cap, cfg.seed, cfg.normalize)
+    print(f"{sample.info.slide_id}: {len(sample.rows)} of {sample.info.n} tiles sampled (cap {cfg.per_slide_cap}) -> {args.out}")
+    return 0
+
+
 def run_fit(args: argparse.Namespace) -> int:
-    from histopipe.clustering import fit
+    from histopipe.clustering import fit, fit_samples
 
     cfg = cluster_config(args)
     stores = list(args.embeddings) + ([r[0] for r in _read_list(args.list, 1)] if args.list else [])
-    if not stores:
-        raise HistopipeError("fit-clusters: no embedding stores given (positional paths or --list)")
-    model = fit(stores, cfg)
+    samples = list(args.samples) + ([r[0] for r in _read_list(args.samples_list, 1)] if args.samples_list else [])
+    if stores and samples:
+        raise HistopipeError("fit-clusters: give embedding stores (positional paths, --list) or sample stores "
+                             "(--samples, --samples-list), not both")
+    if not stores and not samples:
+        raise HistopipeError("fit-clusters: no inputs given (embedding stores: positional paths or --list; "
+                             "sample stores: --samples or --samples-list)")
+    model = fit_samples(samples, cfg) if samples else fit(stores, cfg)
     model.save(args.out)
     m = model.meta
     print(f"k={model.k} levels={model.levels} from {m['n_sampled']} of {m['n_tiles_total']} tiles "

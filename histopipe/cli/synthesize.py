@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from histopipe.atomic import atomic_write_text
-from histopipe.config import load_config
+from histopipe.config import add_config_args, config_from_args
 from histopipe.errors import HistopipeError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-bank", type=Path, help="crop bank crop_bank.zarr (crop-bank)")
     p.add_argument("--map", type=Path, nargs="+", help="map PNG(s) of tissue-type ids (user-map)")
     p.add_argument("--crops", type=Path, help="folder of crop images per tissue type: <label>/*.png, label = id or name (user-map)")
-    p.add_argument("--config", type=Path, help="workflow config YAML (section `synthesis`)")
+    add_config_args(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.set_defaults(func=run_synthesize)
 
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real", type=Path, required=True, help="patch store patches.zarr of the real data")
     p.add_argument("--real-split", default="train", choices=("train", "val", "test"), help="split of --real used as reference (default train)")
     p.add_argument("--out", type=Path, required=True, help="flags CSV")
-    p.add_argument("--config", type=Path, help="workflow config YAML (section `synthesis`)")
+    add_config_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=run_flag)
 
@@ -96,7 +96,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from histopipe.diffusion.data import BankCrops, PatchRows
     from histopipe.diffusion.settings import synthesis_settings
 
-    s = synthesis_settings(load_config(args.config))
+    s = synthesis_settings(config_from_args(args))
     pipe = load_pipeline(args.model, _device(args.device))
     max_crops = int(pipe.config.max_crops)  # 0 for the variants that read no crops
     # The stamp makes parts of an interrupted run with an older model of the same path stale.
@@ -150,7 +150,7 @@ def run_flag(args: argparse.Namespace) -> int:
     from histopipe.diffusion.flagging import flag_hallucinations
     from histopipe.diffusion.settings import synthesis_settings
 
-    s = synthesis_settings(load_config(args.config))
+    s = synthesis_settings(config_from_args(args))
     try:
         synthetic = zarr.open_group(str(args.synthetic), mode="r")
         _ = synthetic["images"], synthetic["item_id"]

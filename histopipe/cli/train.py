@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from histopipe.atomic import atomic_path
-from histopipe.config import load_config
+from histopipe.config import add_config_args, config_from_args
 from histopipe.errors import HistopipeError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr (train split trains, val split gives sample grids)")
     p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
-    p.add_argument("--config", type=Path, help="workflow config YAML (sections `vae`; defaults otherwise)")
+    add_config_args(p)
     p.set_defaults(func=run_vae)
 
     p = sub.add_parser(
@@ -50,11 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr")
     p.add_argument("--vae", type=Path, required=True, help="AutoencoderKL folder (OUT/model of train-vae, or a pretrained diffusers VAE / pipeline folder)")
     p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
-    p.add_argument("--config", type=Path, help="workflow config YAML (section `ldm`; defaults otherwise)")
-    p.add_argument(
-        "--variant", choices=("unconditional", "map", "map_crop_embeddings", "map_crops"),
-        help="override ldm.variant (one rule can then train every ablation with one config)",
-    )
+    add_config_args(p)
     p.set_defaults(func=run_ldm)
 
 
@@ -76,7 +72,7 @@ def run_vae(args: argparse.Namespace) -> int:
     from histopipe.diffusion.tasks import VAETask, reference_batch
     from histopipe.diffusion.training import MODEL_DIR, train
 
-    s = vae_settings(load_config(args.config))
+    s = vae_settings(config_from_args(args))
     if s.pretrained:
         vae = load_vae(s.pretrained)
         with atomic_path(args.out / MODEL_DIR) as tmp:
@@ -96,7 +92,7 @@ def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.tasks import LDMTask, reference_batch
     from histopipe.diffusion.training import train
 
-    s = ldm_settings(load_config(args.config, {"ldm": {"variant": args.variant}} if args.variant else None))
+    s = ldm_settings(config_from_args(args))
     vae = load_vae(args.vae)
     train_set, val_set, info = _datasets(args.dataset)
     task = LDMTask(

@@ -1,5 +1,6 @@
 # Parse-time validation of the config and the cohort sheet; input functions.
 import json
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -17,11 +18,19 @@ except HistopipeError as err:
 
 R = config["results"]
 TILING = COHORT.tiling_id
+ENCODER = COHORT.encoder
+K = COHORT.k
+DATASET = COHORT.dataset_id
 
 
 wildcard_constraints:
     slide=paths.SLIDE_ID_REGEX,
+    variant=r"unconditional|map|map_crop_embeddings|map_crops|real",
+    mode=r"real|synthetic|both",
+    metric=r"[a-z_]+",
+    model=r"vae|ldm_(unconditional|map|map_crop_embeddings|map_crops)",
     tiling=r"mpp[0-9.]+_px[0-9]+(_ov[0-9]+)?",
+    encoder=r"[A-Za-z0-9._-]+",
 
 
 def get_final_output():
@@ -32,9 +41,47 @@ def slide_path(wildcards):
     return str(COHORT.slide(wildcards.slide).path)
 
 
-def tile_options(wildcards):
+def annotation_path(wildcards):
+    return str(COHORT.slide(wildcards.slide).annotation)
+
+
+def slide_options(wildcards):
     return COHORT.tile_options(wildcards.slide)
+
+
+def map_store(wildcards):
+    return COHORT.map_store(wildcards.slide)
 
 
 def config_json(*sections):
     return json.dumps({s: config[s] for s in sections})
+
+
+def join_name(*parts):
+    """Log and benchmark names nest like the outputs they belong to."""
+    return "/".join(parts)
+
+
+def ldm_config_json(wildcards):
+    """The ldm section with the variant of this job (one model per ablation variant)."""
+    return json.dumps({"ldm": {**config["ldm"], "variant": wildcards.variant}})
+
+
+def segmentation_inputs(wildcards):
+    inputs = {"dataset": COHORT.dataset()}
+    if wildcards.mode != "real":
+        inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
+    return inputs
+
+
+def segmentation_synthetic_flag(wildcards, input):
+    if wildcards.mode == "real":
+        return ""
+    return f"--train-synthetic {input.synthetic}/synthetic.zarr"
+
+
+def training_model(wildcards):
+    """The trained model folder behind a training-curve figure."""
+    if wildcards.model == "vae":
+        return paths.VAE_MODEL.format(results=R, dataset=DATASET)
+    return paths.LDM_MODEL.format(results=R, dataset=DATASET, variant=wildcards.model[len("ldm_"):])

@@ -5,7 +5,7 @@ rule tile_slide:
         tiles=directory(paths.TILES.format(results=R, tiling="{tiling}", slide="{slide}")),
         qc=directory(paths.TILE_QC.format(results=R, tiling="{tiling}", slide="{slide}")),
     params:
-        options=tile_options,
+        options=slide_options,
         cfg=config_json("tiling", "tissue"),
         on_error=config["on_error"],
     log:

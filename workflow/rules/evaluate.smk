@@ -1,0 +1,125 @@
+rule evaluate_distribution:
+    input:
+        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        dataset=COHORT.dataset(),
+    output:
+        json=paths.EVAL_DISTRIBUTION.format(results=R, dataset=DATASET, variant="{variant}"),
+        tsv=paths.EVAL_DISTRIBUTION_TSV.format(results=R, dataset=DATASET, variant="{variant}"),
+    params:
+        cfg=config_json("evaluation"),
+        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
+    log:
+        paths.LOG.format(results=R, rule="evaluate_distribution", name=join_name(DATASET, "{variant}")),
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "histopipe evaluate-distribution --real {input.dataset:q} --synthetic {params.store:q} "
+        "--variant {wildcards.variant} --out {output.json:q} --tsv {output.tsv:q} "
+        "--config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule evaluate_segmentation:
+    input:
+        unpack(segmentation_inputs),
+    output:
+        json=paths.EVAL_SEGMENTATION.format(results=R, dataset=DATASET, mode="{mode}", variant="{variant}"),
+    params:
+        cfg=config_json("evaluation"),
+        synthetic=segmentation_synthetic_flag,
+    log:
+        paths.LOG.format(results=R, rule="evaluate_segmentation", name=join_name(DATASET, "{mode}", "{variant}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="evaluate_segmentation", name=join_name(DATASET, "{mode}", "{variant}"))
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    shell:
+        "histopipe evaluate-segmentation --train-real {input.dataset:q} {params.synthetic} "
+        "--mode {wildcards.mode} --variant {wildcards.variant} --out {output.json:q} "
+        "--config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule plot_real_vs_synthetic:
+    input:
+        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        dataset=COHORT.dataset(),
+    output:
+        png=report(
+            paths.EVAL_GRID_PNG.format(results=R, dataset=DATASET, variant="{variant}"),
+            caption="../report/grid.rst",
+            category="Real vs synthetic",
+            subcategory="{variant}",
+        ),
+    params:
+        cfg=config_json("evaluation"),
+        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
+    log:
+        paths.LOG.format(results=R, rule="plot_real_vs_synthetic", name=join_name(DATASET, "{variant}")),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "histopipe figures grid --real {input.dataset:q} --synthetic {params.store:q} "
+        "--out {output.png:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule tabulate_ablation:
+    input:
+        distribution=COHORT.evaluation_outputs("distribution"),
+        segmentation=COHORT.evaluation_outputs("segmentation"),
+    output:
+        tsv=paths.ABLATION_TABLE.format(results=R, dataset=DATASET, ext="tsv"),
+        md=paths.ABLATION_TABLE.format(results=R, dataset=DATASET, ext="md"),
+        html=report(
+            paths.ABLATION_TABLE.format(results=R, dataset=DATASET, ext="html"),
+            caption="../report/ablation.rst",
+            category="Metrics",
+        ),
+    params:
+        cfg=config_json("evaluation"),
+    log:
+        paths.LOG.format(results=R, rule="tabulate_ablation", name=DATASET),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "histopipe ablation-table --inputs {input.distribution:q} {input.segmentation:q} "
+        "--out {output.tsv:q} --out {output.md:q} --out {output.html:q} "
+        "--config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule plot_ablation:
+    input:
+        tsv=paths.ABLATION_TABLE.format(results=R, dataset=DATASET, ext="tsv"),
+    output:
+        png=report(
+            paths.ABLATION_FIGURE.format(results=R, dataset=DATASET, metric="{metric}"),
+            caption="../report/ablation_figure.rst",
+            category="Metrics",
+        ),
+    log:
+        paths.LOG.format(results=R, rule="plot_ablation", name=join_name(DATASET, "{metric}")),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "histopipe figures metrics --table {input.tsv:q} --metric {wildcards.metric} "
+        "--out {output.png:q} > {log:q} 2>&1"

@@ -1,0 +1,45 @@
+rule synthesize:
+    input:
+        model=paths.LDM_MODEL.format(results=R, dataset=DATASET, variant="{variant}"),
+        dataset=COHORT.dataset(),
+    output:
+        out=directory(paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out")),
+    params:
+        cfg=config_json("synthesis"),
+        split=config["evaluation"]["real_split"],
+    log:
+        paths.LOG.format(results=R, rule="synthesize", name=join_name(DATASET, "{variant}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="synthesize", name=join_name(DATASET, "{variant}"))
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    shell:
+        "histopipe synthesize --model {input.model:q} --out {output.out:q} --mode held-out "
+        "--dataset {input.dataset:q} --split {params.split} --config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule flag_hallucinations:
+    input:
+        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        dataset=COHORT.dataset(),
+    output:
+        flags=paths.HALLUCINATION_FLAGS.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+    params:
+        cfg=config_json("synthesis"),
+        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
+    log:
+        paths.LOG.format(results=R, rule="flag_hallucinations", name=join_name(DATASET, "{variant}")),
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "histopipe flag-hallucinations --synthetic {params.store:q} --real {input.dataset:q} "
+        "--out {output.flags:q} --config-json {params.cfg:q} > {log:q} 2>&1"

@@ -1,0 +1,51 @@
+# Checkpoints live beside the model folder (…/checkpoints), outside the declared output, so
+# a preempted or failed job resumes from the newest complete checkpoint when rerun.
+if not config["vae"]["pretrained"]:
+
+    rule train_vae:
+        input:
+            dataset=COHORT.dataset(),
+        output:
+            model=directory(paths.VAE_MODEL.format(results=R, dataset=DATASET)),
+        params:
+            work=lambda wildcards, output: str(Path(output.model).parent),
+            cfg=config_json("vae"),
+        log:
+            paths.LOG.format(results=R, rule="train_vae", name=DATASET),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="train_vae", name=DATASET)
+        threads: 4
+        conda:
+            "../envs/histopipe.yaml"
+        resources:
+            mem_mb=32000,
+            runtime=1440,
+            gpu=1,
+        shell:
+            "histopipe train-vae --dataset {input.dataset:q} --out {params.work:q} "
+            "--config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule train_ldm:
+    input:
+        dataset=COHORT.dataset(),
+        vae=COHORT.vae_model(),
+    output:
+        model=directory(paths.LDM_MODEL.format(results=R, dataset=DATASET, variant="{variant}")),
+    params:
+        work=lambda wildcards, output: str(Path(output.model).parent),
+        cfg=ldm_config_json,
+    log:
+        paths.LOG.format(results=R, rule="train_ldm", name=join_name(DATASET, "{variant}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="train_ldm", name=join_name(DATASET, "{variant}"))
+    threads: 4
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=32000,
+        runtime=2880,
+        gpu=1,
+    shell:
+        "histopipe train-ldm --dataset {input.dataset:q} --vae {input.vae:q} --out {params.work:q} "
+        "--config-json {params.cfg:q} > {log:q} 2>&1"

@@ -1,0 +1,16 @@
+# Run a histopipe command whose many inputs go through a list file, so that a cohort of
+# thousands of slides never meets the shell's command-length limit.
+import contextlib
+import sys
+import tempfile
+
+from histopipe.cli import main
+
+sm = snakemake  # noqa: F821
+columns = [sm.input[name] for name in sm.params.list_inputs]
+with open(sm.log[0], "w") as log, tempfile.NamedTemporaryFile("w", suffix=".txt") as lst:
+    lst.write("".join("\t".join(map(str, row)) + "\n" for row in zip(*columns, strict=True)))
+    lst.flush()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = main([*map(str, sm.params.args), sm.params.list_flag, lst.name])
+sys.exit(rc)
