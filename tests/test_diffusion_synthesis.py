@@ -210,7 +210,7 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
     patches, bank = data
     preset = yaml.safe_load((ROOT / "config" / "diffusion_tiny.yaml").read_text())
     preset["vae"].update(max_steps=4, checkpoint_every=2, sample_every=2)
-    preset["ldm"].update(max_steps=4, checkpoint_every=2, sample_every=4, sample_steps=2, max_crops=3)
+    preset["ldm"].update(max_steps=4, checkpoint_every=2, sample_every=4, sample_steps=2, max_crops=3, variant="map")
     preset["synthesis"].update(steps=2, batch_size=4, num_per_map=2)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(preset))
@@ -225,10 +225,14 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
     def cli(*args):
         assert main([str(a) for a in args]) == 0
 
-    ldm_args = ("train-ldm", "--dataset", patches, "--vae", tmp_path / "vae" / "model", "--out", tmp_path / "ldm", "--config", config)
+    ldm_args = ("train-ldm", "--dataset", patches, "--vae", tmp_path / "vae" / "model", "--out", tmp_path / "ldm", "--config", config,
+                "--config-json", json.dumps({"ldm": {"variant": "map_crops"}}))
     cli(*ldm_args)
     model = tmp_path / "ldm" / "model"
     assert (model / "model_index.json").is_file() and (tmp_path / "ldm" / "samples" / "step-0000004.png").is_file()
+    # --config-json overrides the file's map-only variant: the branch reads map + 3 crop slots.
+    embed = preset["ldm"]["map_embed_dim"]
+    assert json.loads((model / "controlnet" / "config.json").read_text())["conditioning_channels"] == embed + 3 * (3 + embed)
     assert sorted(p.name for p in (tmp_path / "ldm" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     caplog.set_level(logging.INFO)
     cli(*ldm_args)  # a finished training resumes at its last step and only re-exports

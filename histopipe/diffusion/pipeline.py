@@ -215,13 +215,14 @@ class HistoSynthesisPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         h = self.unet.config.sample_size
         shape = (b, self.unet.config.in_channels, h, h)
+        # The sampler's arithmetic stays in float32 even when the networks run in bf16/fp16.
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
-            inp = self.scheduler.scale_model_input(latents, t)
+            inp = self.scheduler.scale_model_input(latents, t).to(dtype)
             pred = self.noise_prediction(inp, t, maps_t, crops, crop_features, level, guidance_scale, guidance_null)
-            latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(pred.float(), t, latents, generator=generator).prev_sample
         images = latents_to_images(self.vae, latents)
         labels = None if maps_t is None else maps_t.cpu().numpy().astype(np.uint16)
         images = images.float() if output_type == "pt" else to_uint8(images)

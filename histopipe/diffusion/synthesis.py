@@ -310,7 +310,11 @@ def _assemble(pipe, items, out_dir: Path, s: SynthesisSettings, meta: dict, leve
         g.create_array("crop_boxes", data=boxes)
         g.create_array("crop_labels", data=labels)
         g.create_array("crop_valid", data=valid)
-        luts = np.arange(num_labels, dtype=np.int32)[None] if level_luts is None else np.asarray(level_luts, np.int32)
+        # Maps at a coarser level live in that level's label space: the source LUTs no longer apply.
+        if level_luts is None or s.level:
+            luts = np.arange(num_labels, dtype=np.int32)[None]
+        else:
+            luts = np.asarray(level_luts, np.int32)
         g.create_array("level_luts", data=luts)
         sid = g.create_array("slide_id", shape=(n,), dtype=str)
         sid[:] = np.array([it.slide_id for it in items], dtype=object)

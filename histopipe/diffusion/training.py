@@ -74,19 +74,6 @@ class TrainResult:
     resumed_from: int = 0
 
 
-class GeneratorState:
-    """A torch.Generator as a checkpointable object (state_dict / load_state_dict)."""
-
-    def __init__(self, gen: torch.Generator):
-        self.gen = gen
-
-    def state_dict(self) -> dict:
-        return {"state": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["state"])
-
-
 class StreamBatchSampler(Sampler):
     """Batches of consecutive indices from an endless stream of per-epoch permutations.
 
@@ -199,9 +186,10 @@ def train(
     if s.ema_decay > 0:
         ema = EMAModel(params, decay=s.ema_decay)
         ema.to(accelerator.device)
+    # One generator per process (accelerate saves registered objects from the main process
+    # only, so each process checkpoints its own generator: see _save_checkpoint).
     gen = torch.Generator(device=accelerator.device).manual_seed(s.seed * 1000 + accelerator.process_index)
-    accelerator.register_for_checkpointing(GeneratorState(gen))
-    if ema is not None:
+    if ema is not None:  # identical in every process, like the weights
         accelerator.register_for_checkpointing(ema)
 
     step = 0
@@ -213,6 +201,7 @@ def train(
     if done:
         step, path = done[-1]
         accelerator.load_state(str(path))
+        _load_generator(gen, path, accelerator.process_index, s.seed, step)
         log.info("%s: resumed from %s (step %d)", task.name, path, step)
     result = TrainResult(step=step, resumed_from=step)
 
@@ -251,7 +240,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % s.checkpoint_every == 0 or step == s.max_steps:
-            _save_checkpoint(accelerator, task, unwrapped, ema, params, ckpt_dir, step, s.checkpoints_keep)
+            _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir, step, s.checkpoints_keep)
         if main and s.sample_every and step % s.sample_every == 0:
             _write_samples(accelerator, task, unwrapped, ema, params, out_dir, step)
         if callback is not None:
@@ -269,7 +258,20 @@ def train(
     return result
 
 
-def _save_checkpoint(accelerator, task, unwrapped, ema, params, ckpt_dir: Path, step: int, keep: int) -> None:
+def _generator_file(folder: Path, rank: int) -> Path:
+    return folder / f"generator_{rank}.pt"
+
+
+def _load_generator(gen: torch.Generator, folder: Path, rank: int, seed: int, step: int) -> None:
+    path = _generator_file(folder, rank)
+    if path.is_file():
+        gen.set_state(torch.load(path, weights_only=True))
+    else:  # resumed with more processes than saved: a fresh stream, still reproducible
+        log.warning("%s: no generator state of process %d; reseeding it", folder, rank)
+        gen.manual_seed(seed * 1000 + rank + 7919 * step)
+
+
+def _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir: Path, step: int, keep: int) -> None:
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".checkpoint-{step}.partial"  # same name in every process
     if accelerator.is_main_process:
@@ -277,6 +279,7 @@ def _save_checkpoint(accelerator, task, unwrapped, ema, params, ckpt_dir: Path, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    torch.save(gen.get_state(), _generator_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         was_training = unwrapped.training
