@@ -153,6 +153,14 @@ class Cohort:
             out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model=f"ldm_{v}"))
         if not self.config["vae"].get("pretrained"):
             out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model="vae"))
-        out += [paths.ABLATION_TABLE.format(results=r, dataset=d, ext=e) for e in ("tsv", "md", "html")]
+        out += self.ablation_outputs()
+        if self.config["clustering"]["student"]["enabled"] and self.map_source == "kmeans":
+            out.append(paths.STUDENT_MODEL.format(results=r, encoder=self.encoder, tiling=self.tiling_id, k=self.k))
+        return out
+
+    def ablation_outputs(self) -> list[str]:
+        """The ablation table (TSV, Markdown, HTML) and its figures."""
+        r, d = self.results, self.dataset_id
+        out = [paths.ABLATION_TABLE.format(results=r, dataset=d, ext=e) for e in ("tsv", "md", "html")]
         out += [paths.ABLATION_FIGURE.format(results=r, dataset=d, metric=m) for m in ("fd", "precision", "recall", "miou")]
         return out

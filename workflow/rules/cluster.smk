@@ -127,3 +127,32 @@ rule montage_tissue_types:
         runtime=60,
     script:
         "../scripts/histopipe_list.py"
+
+
+# Optional: a light pixel classifier trained on the tissue types, to label new slides
+# without the foundation model; its agreement on held-out slides is in metrics.json.
+if config["clustering"]["student"]["enabled"]:
+
+    rule train_student:
+        input:
+            maps=COHORT.map_stores(),
+            tiles=COHORT.tile_stores(),
+        output:
+            model=directory(paths.STUDENT_MODEL.format(results=R, encoder=ENCODER, tiling=TILING, k=K)),
+        params:
+            args=lambda wildcards, output: ["train-student", "--config-json", config_json("clustering"), "--out", output.model],
+            list_inputs=["maps", "tiles"],
+            list_flag="--list",
+        log:
+            paths.LOG.format(results=R, rule="train_student", name=COHORT.cluster_name()),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="train_student", name=COHORT.cluster_name())
+        threads: 4
+        conda:
+            "../envs/histopipe.yaml"
+        resources:
+            mem_mb=16000,
+            runtime=720,
+            gpu=1,
+        script:
+            "../scripts/histopipe_list.py"

@@ -123,3 +123,12 @@ rule plot_ablation:
     shell:
         "histopipe figures metrics --table {input.tsv:q} --metric {wildcards.metric} "
         "--out {output.png:q} > {log:q} 2>&1"
+
+
+# The paper's ablation as one target: `snakemake ablation` trains every variant of
+# evaluation.variants on the same data, budget and seeds, and tabulates FD per encoder,
+# precision/recall and downstream mIoU per variant.
+rule ablation:
+    input:
+        COHORT.ablation_outputs(),
+    default_target: False
