@@ -118,7 +118,7 @@ class Cohort:
         return variants if main in variants else [*variants, main]
 
     def synthetic(self, variant: str) -> str:
-        return paths.SYNTHETIC.format(results=self.results, dataset=self.dataset_id, variant=variant, mode="held-out")
+        return paths.SYNTHETIC_STORE.format(results=self.results, dataset=self.dataset_id, variant=variant, mode="held-out")
 
     def segmentation_runs(self) -> list[tuple[str, str]]:
         """(mode, variant) of every DeepLabv3+ run: each variant on synthetic data only, the

@@ -77,7 +77,7 @@ def segmentation_inputs(wildcards):
 def segmentation_synthetic_flag(wildcards, input):
     if wildcards.mode == "real":
         return ""
-    return f"--train-synthetic {input.synthetic}/synthetic.zarr"
+    return f"--train-synthetic {input.synthetic}"
 
 
 def training_model(wildcards):

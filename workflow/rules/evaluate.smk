@@ -1,13 +1,12 @@
 rule evaluate_distribution:
     input:
-        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        synthetic=paths.SYNTHETIC_STORE.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
         dataset=COHORT.dataset(),
     output:
         json=paths.EVAL_DISTRIBUTION.format(results=R, dataset=DATASET, variant="{variant}"),
         tsv=paths.EVAL_DISTRIBUTION_TSV.format(results=R, dataset=DATASET, variant="{variant}"),
     params:
         cfg=config_json("evaluation"),
-        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
     log:
         paths.LOG.format(results=R, rule="evaluate_distribution", name=join_name(DATASET, "{variant}")),
     threads: 2
@@ -18,7 +17,7 @@ rule evaluate_distribution:
         runtime=240,
         gpu=1,
     shell:
-        "histopipe evaluate-distribution --real {input.dataset:q} --synthetic {params.store:q} "
+        "histopipe evaluate-distribution --real {input.dataset:q} --synthetic {input.synthetic:q} "
         "--variant {wildcards.variant} --out {output.json:q} --tsv {output.tsv:q} "
         "--config-json {params.cfg:q} > {log:q} 2>&1"
 
@@ -50,7 +49,7 @@ rule evaluate_segmentation:
 
 rule plot_real_vs_synthetic:
     input:
-        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        synthetic=paths.SYNTHETIC_STORE.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
         dataset=COHORT.dataset(),
     output:
         png=report(
@@ -61,7 +60,6 @@ rule plot_real_vs_synthetic:
         ),
     params:
         cfg=config_json("evaluation"),
-        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
     log:
         paths.LOG.format(results=R, rule="plot_real_vs_synthetic", name=join_name(DATASET, "{variant}")),
     threads: 1
@@ -71,7 +69,7 @@ rule plot_real_vs_synthetic:
         mem_mb=4000,
         runtime=30,
     shell:
-        "histopipe figures grid --real {input.dataset:q} --synthetic {params.store:q} "
+        "histopipe figures grid --real {input.dataset:q} --synthetic {input.synthetic:q} "
         "--out {output.png:q} --config-json {params.cfg:q} > {log:q} 2>&1"
 
 

@@ -25,7 +25,7 @@ rule plot_training:
 rule plot_flags:
     input:
         flags=paths.HALLUCINATION_FLAGS.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
-        synthetic=paths.SYNTHETIC.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+        synthetic=paths.SYNTHETIC_STORE.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
     output:
         png=report(
             paths.FLAGS_FIGURE.format(results=R, dataset=DATASET, variant="{variant}"),
@@ -33,7 +33,6 @@ rule plot_flags:
             category="Hallucination flags",
         ),
     params:
-        store=lambda wildcards, input: f"{input.synthetic}/synthetic.zarr",
     log:
         paths.LOG.format(results=R, rule="plot_flags", name=join_name(DATASET, "{variant}")),
     threads: 1
@@ -43,4 +42,4 @@ rule plot_flags:
         mem_mb=2000,
         runtime=10,
     shell:
-        "histopipe plot-flags {input.flags:q} --synthetic {params.store:q} --out {output.png:q} > {log:q} 2>&1"
+        "histopipe plot-flags {input.flags:q} --synthetic {input.synthetic:q} --out {output.png:q} > {log:q} 2>&1"
