@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--slides", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--profile", default="profiles/slurm")
     args = ap.parse_args()
-    rows = []
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"{'slides':>8} {'dry-run s':>10} {'CPU s':>7} {'peak GiB':>9} {'rule jobs':>10} {'SLURM jobs':>11}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.slides:
             work = Path(tmp) / f"n{n}"
@@ -118,12 +119,8 @@ def main() -> None:
             seconds, cpu, peak_gib, out = dry_run(work, sheet, args.profile)
             counts = job_counts(out)
             n_jobs = sum(v for k, v in counts.items() if k != "all")
-            rows.append((n, seconds, cpu, peak_gib, n_jobs, slurm_jobs(counts, ROOT / args.profile / "config.yaml")))
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"{'slides':>8} {'dry-run s':>10} {'CPU s':>7} {'peak GiB':>9} {'rule jobs':>10} {'SLURM jobs':>11}")
-    for n, s, c, g, j, sj in rows:
-        print(f"{n:>8} {s:>10.1f} {c:>7.1f} {g:>9.2f} {j:>10} {sj:>11}")
-
+            slurm = slurm_jobs(counts, ROOT / args.profile / "config.yaml")
+            print(f"{n:>8} {seconds:>10.1f} {cpu:>7.1f} {peak_gib:>9.2f} {n_jobs:>10} {slurm:>11}", flush=True)
 
 if __name__ == "__main__":
     main()
