@@ -1,8 +1,9 @@
 """DAG construction at cohort scale: `snakemake -n` time and peak memory for N slides.
 
 Builds an N-slide cohort sheet whose rows point (through symlinks) at the demo slides,
-then times a dry run of the full workflow with the SLURM profile's grouping and reports
-the number of SLURM jobs that grouping yields.
+then times a dry run of the full workflow (`snakemake -n --quiet rules`: the DAG is built
+in full, only the per-job printout is left out) with the SLURM profile's grouping, and
+reports the number of SLURM jobs that grouping yields.
 
     python benchmarks/dag.py --slides 10000
 """
@@ -42,7 +43,7 @@ def build_sheet(n: int, workdir: Path) -> Path:
 
 def dry_run(workdir: Path, sheet: Path, profile: str) -> tuple[float, float, float, str]:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(ROOT / "config/config.yaml"), "--profile", str(ROOT / profile), "-n",
+           "--configfile", str(ROOT / "config/config.yaml"), "--profile", str(ROOT / profile), "-n", "--quiet", "rules",
            "--config", f"sheet={sheet}", f"results={workdir / 'results'}"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
