@@ -55,6 +55,15 @@ def test_demo_tiling_runs_and_rerun_recomputes_nothing(tmp_path, demo_cohort):
     assert {p: p.stat().st_mtime for p in stores} == mtimes
 
 
+def _job_counts(output: str) -> dict[str, int]:
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def _copy_cohort(demo_cohort: Path, dest: Path, ids: list[str]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     lines = ["slide_id\tpath"]
@@ -109,7 +118,7 @@ def test_new_slides_only_run_their_own_jobs(tmp_path, demo_cohort):
     r = snakemake(tmp_path, "collect_failures", "-n", "--quiet", "rules", "--config", f"sheet={sheet}", f"results={results}")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2 and line.split()[1].isdigit()}
+    counts = _job_counts(out)
     assert counts.get("tile_slide") == 1, out
 
 
@@ -137,15 +146,6 @@ def test_killed_run_resumes_without_corrupt_outputs(tmp_path, demo_cohort):
     for p in _stores(results):
         _assert_valid_store(p)
     assert not list(results.rglob(".*.partial"))
-
-
-def _job_counts(output: str) -> dict[str, int]:
-    counts = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 FAST = ROOT / "tests" / "configs" / "fast.yaml"
