@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import zarr
 
 from histopipe.cropbank import build_crop_bank
@@ -104,3 +106,12 @@ def write_crop_bank(patches: Path, path: Path, per_type: int = 3, size: int = 16
     """The crop bank of a patch store, built by the dataset stage's own builder."""
     build_crop_bank(patches, path, CropBankConfig(per_type=per_type, size=size, splits=("train",)))
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster and deterministically on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,15 +24,7 @@ from histopipe.diffusion.crop_features import CropFeaturizer
 from histopipe.diffusion.models import Denoiser, build_denoiser, build_vae
 from histopipe.diffusion.settings import LDMSettings, SynthesisSettings, VAESettings, ldm_settings
 from histopipe.errors import ConfigError, HistopipeError
-from tests.diffusion_helpers import tiny_ldm, tiny_vae
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(n)
+from tests.diffusion_helpers import one_thread, tiny_ldm, tiny_vae  # noqa: F401 (autouse fixture)
 
 
 def _batch(b=2, size=16, seed=0):

@@ -26,8 +26,9 @@ from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import SynthesisSettings
 from histopipe.diffusion.tasks import LDMTask, reference_batch
 from histopipe.errors import HistopipeError
-from tests.diffusion_helpers import (
+from tests.diffusion_helpers import (  # noqa: F401 (one_thread: autouse fixture)
     LABEL_NAMES,
+    one_thread,
     tiny_ldm,
     tiny_vae,
     write_crop_bank,
@@ -35,14 +36,6 @@ from tests.diffusion_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

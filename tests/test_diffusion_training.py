@@ -19,15 +19,7 @@ from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import VARIANTS
 from histopipe.diffusion.tasks import LDMTask, VAETask, reference_batch
 from histopipe.diffusion.training import complete_checkpoints, train
-from tests.diffusion_helpers import LABEL_NAMES, tiny_ldm, tiny_vae, write_patch_store
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.diffusion_helpers import LABEL_NAMES, one_thread, tiny_ldm, tiny_vae, write_patch_store  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
