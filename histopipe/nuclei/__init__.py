@@ -1,0 +1,1 @@
+"""Nuclei-level image–label co-synthesis: datasets, joint diffusion, instance separation, evaluation."""
