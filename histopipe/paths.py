@@ -28,6 +28,7 @@ def encoder_id(name: str) -> str:
 
 
 SLIDE_ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+BATCH_REGEX = r"[0-9]{5}"
 
 # Per-slide tiling outputs: the store, and a QC folder with {slide}.tissue.png (mask
 # overlay), {slide}.grid.png (kept tiles) and {slide}.tissue.geojson (QuPath annotations).
@@ -45,21 +46,26 @@ EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
 # their map from the annotation instead (same grid, no encoder or k in the path).
 # Per-slide diversity samples (histopipe.slide_samples) do not depend on k: one set serves
 # the models of every k.
-CLUSTER_SAMPLE = "{results}/clusters/{encoder}/{tiling}/samples/{slide}.zarr"
+# After the embeddings, per-slide work runs in batches of slides (config slides_per_batch,
+# sheet order): one job writes the outputs of its batch's slides into batch-<NNNNN>/.
+CLUSTER_SAMPLE_BATCH = "{results}/clusters/{encoder}/{tiling}/samples/batch-{batch}"
+CLUSTER_SAMPLE = CLUSTER_SAMPLE_BATCH + "/{slide}.zarr"
 CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
 CLUSTER_MODEL = CLUSTER_DIR + "/model"
 CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"
 STUDENT_MODEL = CLUSTER_DIR + "/student"
-TISSUE_MAP = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.zarr"
-TISSUE_MAP_PNG = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.png"
-TISSUE_MAP_GEOJSON = "{results}/maps/{encoder}/{tiling}/k{k}/{slide}.geojson"
-ANNOTATION_MAP = "{results}/maps/annotation/{tiling}/{slide}.zarr"
-ANNOTATION_MAP_PNG = "{results}/maps/annotation/{tiling}/{slide}.png"
-ANNOTATION_MAP_GEOJSON = "{results}/maps/annotation/{tiling}/{slide}.geojson"
+TISSUE_MAP_BATCH = "{results}/maps/{encoder}/{tiling}/k{k}/batch-{batch}"
+TISSUE_MAP = TISSUE_MAP_BATCH + "/{slide}.zarr"
+ANNOTATION_MAP_BATCH = "{results}/maps/annotation/{tiling}/batch-{batch}"
+ANNOTATION_MAP = ANNOTATION_MAP_BATCH + "/{slide}.zarr"
+# Beside each map store: <slide>.png (overlay on the thumbnail) and <slide>.geojson (QuPath).
+MAP_PNG_SUFFIX = ".png"
+MAP_GEOJSON_SUFFIX = ".geojson"
 
 # Training-patch dataset (contract #4). {dataset} names the map source and the patch
 # setting, e.g. "<encoder>_<tiling>_k<k>_" + patches_id(...) or "annotation_" + patches_id(...).
-SLIDE_PATCHES = "{results}/dataset/{dataset}/slides/{slide}.zarr"
+SLIDE_PATCHES_BATCH = "{results}/dataset/{dataset}/slides/batch-{batch}"
+SLIDE_PATCHES = SLIDE_PATCHES_BATCH + "/{slide}.zarr"
 DATASET = "{results}/dataset/{dataset}/patches.zarr"
 DATASET_INFO = "{results}/dataset/{dataset}/info.json"
 CROP_BANK = "{results}/dataset/{dataset}/crop_bank.zarr"

@@ -26,6 +26,11 @@ class Cohort:
         self.encoder = paths.encoder_id(config["embedding"]["encoder"])
         self.k = int(config["clustering"]["k"])
         self.map_source = self._map_source()
+        size = int(config.get("slides_per_batch", 50))
+        ids = [e.slide_id for e in entries]
+        # Consecutive sheet rows: appending slides leaves every earlier batch as it was.
+        self.batches = {f"{i // size:05d}": ids[i:i + size] for i in range(0, len(ids), size)}
+        self.batch_of = {s: b for b, members in self.batches.items() for s in members}
         p = config["patches"]
         pid = paths.patches_id(p["mpp"], p["patch_size"], p.get("output_size"))
         if self.map_source == "annotation":
@@ -59,7 +64,14 @@ class Cohort:
         return shlex.join(opts)
 
     def _each(self, template: str, **values: object) -> list[str]:
-        return [template.format(results=self.results, slide=s, **values) for s in self.slide_ids]
+        return [template.format(results=self.results, slide=s, batch=self.batch_of[s], **values) for s in self.slide_ids]
+
+    def _batch_dirs(self, template: str, **values: object) -> list[str]:
+        return [template.format(results=self.results, batch=b, **values) for b in self.batches]
+
+    def batch_members(self, template: str, batch: str, **values: object) -> list[str]:
+        """``template`` filled for each slide of ``batch`` (a batch job's per-slide inputs)."""
+        return [template.format(results=self.results, slide=s, batch=batch, **values) for s in self.batches[batch]]
 
     # --- per-stage outputs ----------------------------------------------------------
     def tile_stores(self) -> list[str]:
@@ -71,6 +83,9 @@ class Cohort:
     def cluster_samples(self) -> list[str]:
         return self._each(paths.CLUSTER_SAMPLE, encoder=self.encoder, tiling=self.tiling_id)
 
+    def cluster_sample_batches(self) -> list[str]:
+        return self._batch_dirs(paths.CLUSTER_SAMPLE_BATCH, encoder=self.encoder, tiling=self.tiling_id)
+
     def cluster_name(self) -> str:
         return f"{self.encoder}/{self.tiling_id}/k{self.k}"
 
@@ -81,27 +96,65 @@ class Cohort:
         """The model that assigns tissue types: the config's existing one, else the fitted one."""
         return self.config["clustering"].get("model") or self.fitted_cluster_model()
 
-    def map_store(self, slide_id: str) -> str:
+    def _map_template(self, batch: bool) -> str:
         if self.map_source == "annotation":
-            return paths.ANNOTATION_MAP.format(results=self.results, tiling=self.tiling_id, slide=slide_id)
-        return paths.TISSUE_MAP.format(results=self.results, encoder=self.encoder, tiling=self.tiling_id, k=self.k, slide=slide_id)
+            return paths.ANNOTATION_MAP_BATCH if batch else paths.ANNOTATION_MAP
+        return paths.TISSUE_MAP_BATCH if batch else paths.TISSUE_MAP
+
+    def map_store(self, slide_id: str) -> str:
+        return self._map_template(False).format(results=self.results, encoder=self.encoder, tiling=self.tiling_id,
+                                                k=self.k, batch=self.batch_of[slide_id], slide=slide_id)
 
     def map_stores(self) -> list[str]:
         return [self.map_store(s) for s in self.slide_ids]
 
-    def map_files(self) -> list[str]:
-        """Map stores with their PNG overlays and GeoJSON."""
-        out = []
-        for store in self.map_stores():
-            base = store[: -len(".zarr")]
-            out += [store, base + ".png", base + ".geojson"]
-        return out
+    def map_batch(self, batch: str) -> str:
+        return self._map_template(True).format(results=self.results, encoder=self.encoder, tiling=self.tiling_id,
+                                               k=self.k, batch=batch)
+
+    def map_batches(self) -> list[str]:
+        """The batch folders of the maps: each holds <slide>.zarr, .png and .geojson per slide."""
+        return [self.map_batch(b) for b in self.batches]
 
     def montage(self) -> str:
         return paths.CLUSTER_MONTAGE.format(results=self.results, encoder=self.encoder, tiling=self.tiling_id, k=self.k)
 
     def slide_patch_stores(self) -> list[str]:
         return self._each(paths.SLIDE_PATCHES, dataset=self.dataset_id)
+
+    def slide_patch_batches(self) -> list[str]:
+        return self._batch_dirs(paths.SLIDE_PATCHES_BATCH, dataset=self.dataset_id)
+
+    # --- batch jobs -------------------------------------------------------------------
+    def batch_commands(self, stage: str, batch: str, out_dir: str, config_json: str = "{}",
+                       on_error: str = "fail") -> list[list[str]]:
+        """The ``histopipe`` argument lists one batch job runs, one per slide, writing
+        ``<out_dir>/<slide>.zarr`` (maps also ``.png`` and ``.geojson``).
+
+        ``stage``: ``sample`` (sample-embeddings), ``map`` (assign-clusters or
+        annotation-map, by the map source) or ``patches`` (extract-patches).
+        """
+        cmds = []
+        for s in self.batches[batch]:
+            out = f"{out_dir}/{s}.zarr"
+            emb = paths.EMBEDDINGS.format(results=self.results, encoder=self.encoder, tiling=self.tiling_id, slide=s)
+            tiles = paths.TILES.format(results=self.results, tiling=self.tiling_id, slide=s)
+            views = ["--png", f"{out_dir}/{s}{paths.MAP_PNG_SUFFIX}", "--geojson", f"{out_dir}/{s}{paths.MAP_GEOJSON_SUFFIX}"]
+            if stage == "sample":
+                cmds.append(["sample-embeddings", emb, "--out", out, "--config-json", config_json])
+            elif stage == "map" and self.map_source == "annotation":
+                e = self.by_id[s]
+                cmds.append(["annotation-map", str(e.path), str(e.annotation), "--tiles", tiles,
+                             "--labels", str(self.config["labels"]["annotation_labels"] or ""), "--out", out, *views])
+            elif stage == "map":
+                cmds.append(["assign-clusters", self.cluster_model(), emb, tiles, "--out", out, *views])
+            elif stage == "patches":
+                cmds.append(["extract-patches", self.map_store(s), str(self.by_id[s].path), "--out", out,
+                             "--slide-id", s, *shlex.split(self.tile_options(s)), "--on-error", on_error,
+                             "--config-json", config_json])
+            else:
+                raise ValueError(f"unknown batch stage {stage!r}")
+        return cmds
 
     def dataset(self) -> str:
         return paths.DATASET.format(results=self.results, dataset=self.dataset_id)
@@ -139,7 +192,7 @@ class Cohort:
         out = [
             paths.FAILED_SLIDES.format(results=r),
             paths.TILING_SUMMARY.format(results=r, tiling=self.tiling_id),
-            *self.map_files(),
+            *self.map_batches(),
             self.montage(),
             paths.DATASET_INFO.format(results=r, dataset=d),
             paths.CROP_BANK.format(results=r, dataset=d),

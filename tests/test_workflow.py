@@ -167,7 +167,7 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     assert r.returncode == 0, r.stderr[-4000:]
 
     # Tissue types and maps.
-    maps = sorted((results / "maps" / "efficientnet_lite0" / TILING / "k8").glob("*.zarr"))
+    maps = sorted((results / "maps" / "efficientnet_lite0" / TILING / "k8").glob("batch-*/*.zarr"))
     assert len(maps) == 4
     for m in maps:
         lv = np.asarray(zarr.open_group(str(m), mode="r")["map"])

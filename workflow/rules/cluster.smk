@@ -4,33 +4,37 @@ if not config["clustering"]["model"]:
 
     rule sample_embeddings:
         input:
-            emb=paths.EMBEDDINGS.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}"),
+            emb=batch_inputs(paths.EMBEDDINGS, encoder=ENCODER, tiling=TILING),
         output:
-            sample=directory(paths.CLUSTER_SAMPLE.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}")),
+            samples=directory(paths.CLUSTER_SAMPLE_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, batch="{batch}")),
         params:
             # Only the keys that change a slide's sample: changing k or the caps of the cohort
-            # step must not re-run thousands of per-slide jobs.
-            cfg=json.dumps({"clustering": {k: config["clustering"][k] for k in ("per_slide_cap", "seed", "normalize")}}),
+            # step must not re-run the sampling of every batch.
+            commands=batch_commands(
+                "sample",
+                "samples",
+                json.dumps({"clustering": {k: config["clustering"][k] for k in ("per_slide_cap", "seed", "normalize")}}),
+            ),
         log:
-            paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "{slide}")),
+            paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "batch-{batch}")),
         threads: 1
         conda:
             "../envs/histopipe.yaml"
         resources:
             mem_mb=2000,
-            runtime=30,
-        shell:
-            "histopipe sample-embeddings {input.emb:q} --out {output.sample:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+            runtime=60,
+        script:
+            "../scripts/histopipe_batch.py"
 
 
     rule fit_kmeans:
         input:
-            samples=COHORT.cluster_samples(),
+            samples=COHORT.cluster_sample_batches(),
         output:
             model=directory(COHORT.fitted_cluster_model()),
         params:
             args=lambda wildcards, output: ["fit-clusters", "--config-json", config_json("clustering"), "--out", output.model],
-            list_inputs=["samples"],
+            list_columns=[COHORT.cluster_samples()],
             list_flag="--samples-list",
         log:
             paths.LOG.format(results=R, rule="fit_kmeans", name=COHORT.cluster_name()),
@@ -49,63 +53,60 @@ if not config["clustering"]["model"]:
 rule map_tissue_types:
     input:
         model=COHORT.cluster_model(),
-        emb=paths.EMBEDDINGS.format(results=R, encoder=ENCODER, tiling=TILING, slide="{slide}"),
-        tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
+        emb=batch_inputs(paths.EMBEDDINGS, encoder=ENCODER, tiling=TILING),
+        tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        map=directory(paths.TISSUE_MAP.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}")),
-        png=report(
-            paths.TISSUE_MAP_PNG.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+        maps=report(
+            directory(paths.TISSUE_MAP_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, k=K, batch="{batch}")),
+            patterns=["{slide}.png"],
             caption="../report/tissue_map.rst",
             category="Tissue maps",
             labels={"slide": "{slide}"},
         ),
-        geojson=paths.TISSUE_MAP_GEOJSON.format(results=R, encoder=ENCODER, tiling=TILING, k=K, slide="{slide}"),
+    params:
+        commands=batch_commands("map", "maps"),
     log:
-        paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "{slide}")),
+        paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "batch-{batch}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"
     resources:
         mem_mb=4000,
-        runtime=30,
-    shell:
-        "histopipe assign-clusters {input.model:q} {input.emb:q} {input.tiles:q} --out {output.map:q} "
-        "--png {output.png:q} --geojson {output.geojson:q} > {log:q} 2>&1"
+        runtime=120,
+    script:
+        "../scripts/histopipe_batch.py"
 
 
 rule map_annotation:
     input:
-        slide=slide_path,
-        annotation=annotation_path,
-        tiles=paths.TILES.format(results=R, tiling=TILING, slide="{slide}"),
+        slides=batch_slides,
+        annotations=batch_annotations,
+        tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        map=directory(paths.ANNOTATION_MAP.format(results=R, tiling=TILING, slide="{slide}")),
-        png=report(
-            paths.ANNOTATION_MAP_PNG.format(results=R, tiling=TILING, slide="{slide}"),
+        maps=report(
+            directory(paths.ANNOTATION_MAP_BATCH.format(results=R, tiling=TILING, batch="{batch}")),
+            patterns=["{slide}.png"],
             caption="../report/tissue_map.rst",
             category="Tissue maps",
             labels={"slide": "{slide}"},
         ),
-        geojson=paths.ANNOTATION_MAP_GEOJSON.format(results=R, tiling=TILING, slide="{slide}"),
     params:
-        labels=config["labels"]["annotation_labels"],
+        commands=batch_commands("map", "maps"),
     log:
-        paths.LOG.format(results=R, rule="map_annotation", name=join_name(TILING, "{slide}")),
+        paths.LOG.format(results=R, rule="map_annotation", name=join_name(TILING, "batch-{batch}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"
     resources:
         mem_mb=4000,
-        runtime=30,
-    shell:
-        "histopipe annotation-map {input.slide:q} {input.annotation:q} --tiles {input.tiles:q} "
-        "--labels {params.labels:q} --out {output.map:q} --png {output.png:q} "
-        "--geojson {output.geojson:q} > {log:q} 2>&1"
+        runtime=120,
+    script:
+        "../scripts/histopipe_batch.py"
 
 
 rule montage_tissue_types:
     input:
-        maps=COHORT.map_stores(),
+        maps=COHORT.map_batches(),
         tiles=COHORT.tile_stores(),
     output:
         png=report(
@@ -115,7 +116,7 @@ rule montage_tissue_types:
         ),
     params:
         args=lambda wildcards, output: ["cluster-montage", "--out", output.png],
-        list_inputs=["maps", "tiles"],
+        list_columns=[COHORT.map_stores(), COHORT.tile_stores()],
         list_flag="--list",
     log:
         paths.LOG.format(results=R, rule="montage_tissue_types", name=COHORT.cluster_name()),
@@ -135,13 +136,13 @@ if config["clustering"]["student"]["enabled"]:
 
     rule train_student:
         input:
-            maps=COHORT.map_stores(),
+            maps=COHORT.map_batches(),
             tiles=COHORT.tile_stores(),
         output:
             model=directory(paths.STUDENT_MODEL.format(results=R, encoder=ENCODER, tiling=TILING, k=K)),
         params:
             args=lambda wildcards, output: ["train-student", "--config-json", config_json("clustering"), "--out", output.model],
-            list_inputs=["maps", "tiles"],
+            list_columns=[COHORT.map_stores(), COHORT.tile_stores()],
             list_flag="--list",
         log:
             paths.LOG.format(results=R, rule="train_student", name=COHORT.cluster_name()),

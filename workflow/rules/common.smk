@@ -25,6 +25,7 @@ DATASET = COHORT.dataset_id
 
 wildcard_constraints:
     slide=paths.SLIDE_ID_REGEX,
+    batch=paths.BATCH_REGEX,
     variant=r"unconditional|map|map_crop_embeddings|map_crops|real",
     mode=r"real|synthetic|both",
     metric=r"[a-z_]+",
@@ -41,16 +42,28 @@ def slide_path(wildcards):
     return str(COHORT.slide(wildcards.slide).path)
 
 
-def annotation_path(wildcards):
-    return str(COHORT.slide(wildcards.slide).annotation)
-
-
 def slide_options(wildcards):
     return COHORT.tile_options(wildcards.slide)
 
 
-def map_store(wildcards):
-    return COHORT.map_store(wildcards.slide)
+def batch_inputs(template, **values):
+    """Input function: ``template`` filled for each slide of the job's batch."""
+    return lambda wildcards: COHORT.batch_members(template, wildcards.batch, **values)
+
+
+def batch_slides(wildcards):
+    return [str(COHORT.slide(s).path) for s in COHORT.batches[wildcards.batch]]
+
+
+def batch_annotations(wildcards):
+    return [str(COHORT.slide(s).annotation) for s in COHORT.batches[wildcards.batch]]
+
+
+def batch_commands(stage, output_name, config_json="{}"):
+    """Params function: the per-slide histopipe commands of the job's batch."""
+    return lambda wildcards, output: COHORT.batch_commands(
+        stage, wildcards.batch, output[output_name], config_json, config["on_error"]
+    )
 
 
 def config_json(*sections):

@@ -1,35 +1,31 @@
 rule extract_patches:
     input:
-        map=map_store,
-        slide=slide_path,
+        maps=lambda wildcards: COHORT.map_batch(wildcards.batch),
+        slides=batch_slides,
     output:
-        patches=directory(paths.SLIDE_PATCHES.format(results=R, dataset=DATASET, slide="{slide}")),
+        patches=directory(paths.SLIDE_PATCHES_BATCH.format(results=R, dataset=DATASET, batch="{batch}")),
     params:
-        cfg=config_json("patches"),
-        options=slide_options,
-        on_error=config["on_error"],
+        commands=batch_commands("patches", "patches", config_json("patches")),
     log:
-        paths.LOG.format(results=R, rule="extract_patches", name=join_name(DATASET, "{slide}")),
+        paths.LOG.format(results=R, rule="extract_patches", name=join_name(DATASET, "batch-{batch}")),
     threads: 1
     conda:
         "../envs/histopipe.yaml"
     resources:
         mem_mb=4000,
-        runtime=60,
-    shell:
-        "histopipe extract-patches {input.map:q} {input.slide:q} --out {output.patches:q} "
-        "--slide-id {wildcards.slide} {params.options} --on-error {params.on_error} "
-        "--config-json {params.cfg:q} > {log:q} 2>&1"
+        runtime=240,
+    script:
+        "../scripts/histopipe_batch.py"
 
 
 rule merge_patches:
     input:
-        patches=COHORT.slide_patch_stores(),
+        patches=COHORT.slide_patch_batches(),
     output:
         dataset=directory(paths.DATASET.format(results=R, dataset=DATASET)),
     params:
         args=lambda wildcards, output: ["merge-patches", "--config-json", config_json("patches"), "--out", output.dataset],
-        list_inputs=["patches"],
+        list_columns=[COHORT.slide_patch_stores()],
         list_flag="--list",
     log:
         paths.LOG.format(results=R, rule="merge_patches", name=DATASET),
