@@ -140,6 +140,10 @@ def test_read_pannuke_relabels_per_channel_ids(tmp_path):
     samples = list(read_pannuke(fold))
     _check(samples, truths)
     assert [s.tissue for s in samples] == ["Breast", "Colon", "Kidney"]
+    # Some copies store the tissue names as an object array (not memory-mappable).
+    types = next(fold.rglob("types.npy"))
+    np.save(types, np.array(["Breast", "Colon", "Kidney"], dtype=object), allow_pickle=True)
+    assert [s.tissue for s in read_pannuke(fold)] == ["Breast", "Colon", "Kidney"]
 
 
 @pytest.mark.parametrize("ext", ["png", "tif", "npy"])
@@ -198,6 +202,9 @@ def test_reader_errors(tmp_path):
         list(read_folder(tmp_path / "f"))
     with pytest.raises(HistopipeError, match="unknown nuclei dataset format"):
         read_samples("coco", tmp_path)
+    (tmp_path / "c" / "images.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(HistopipeError, match=r"images\.npy: cannot read"):
+        list(read_conic(tmp_path / "c"))
 
 
 # --- sheet ------------------------------------------------------------------------------------
@@ -340,6 +347,29 @@ def test_store_errors_leave_no_store(tmp_path):
     with pytest.raises(HistopipeError, match=r"c: sample '.*' is 256x256 px, smaller than patch_size 512"):
         build_nuclei_store(read_nuclei_sheet(sheet), tmp_path / "big.zarr", NucleiDataSettings(patch_size=512))
     assert not (tmp_path / "big.zarr").exists() and not list(tmp_path.glob(".big.zarr*"))
+
+
+def test_store_build_streams_samples(tmp_path, monkeypatch):
+    import weakref
+
+    from histopipe.nuclei import readers
+
+    write_conic(tmp_path / "conic", n=6)
+    alive_at_yield = []
+
+    def tracking(path):
+        refs = []
+        for sample in read_conic(path):
+            alive_at_yield.append(sum(r() is not None for r in refs))
+            refs.append(weakref.ref(sample))
+            yield sample
+
+    monkeypatch.setitem(readers.READERS, "conic", tracking)
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("dataset_id\tformat\tpath\nc\tconic\tconic\n")
+    build_nuclei_store(read_nuclei_sheet(sheet), tmp_path / "s.zarr", NucleiDataSettings())
+    # When a sample is read, at most the previous one is still referenced: one at a time.
+    assert len(alive_at_yield) == 6 and max(alive_at_yield) <= 1
 
 
 def test_pannuke_store(tmp_path):

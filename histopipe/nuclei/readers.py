@@ -64,12 +64,13 @@ class NucleiSample:
         self.group = self.group or self.name
 
 
-def _load(path: Path) -> np.ndarray:
+def _load(path: Path, small: bool = False) -> np.ndarray:
+    """Memory-map a .npy file; ``small`` files (PanNuke's types.npy, an object array in some
+    copies, which cannot be mapped) are loaded whole."""
     try:
+        if small:
+            return np.load(path, allow_pickle=True)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError:
-        # Object arrays (PanNuke's types.npy in some copies) cannot be memory-mapped; they are small.
-        return np.load(path, allow_pickle=True)
     except Exception as err:
         raise HistopipeError(f"{path}: cannot read: {err}") from None
 
@@ -161,7 +162,7 @@ def _find(path: Path, name: str) -> Path:
 
 def _pannuke_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
     ip, mp, tp = _find(path, "images.npy"), _find(path, "masks.npy"), _find(path, "types.npy")
-    images, masks, types = _load(ip), _load(mp), _load(tp)
+    images, masks, types = _load(ip), _load(mp), _load(tp, small=True)
     if images.ndim != 4 or images.shape[3] != 3:
         raise HistopipeError(f"{ip}: shape {images.shape} is not (N, H, W, 3)")
     if masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[3] != 6:
