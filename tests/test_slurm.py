@@ -113,7 +113,10 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
     tiles = dict(zip(cohort.slide_ids, map(Path, cohort.tile_stores()), strict=True))
     embeddings = dict(zip(cohort.slide_ids, map(Path, cohort.embedding_stores()), strict=True))
     summary = Path(paths.TILING_SUMMARY.format(results=results, tiling=cohort.tiling_id))
-    targets = [*map(str, tiles.values()), *map(str, embeddings.values()), str(summary)]
+    samples = dict(zip(cohort.slide_ids, map(Path, cohort.cluster_samples()), strict=True))
+    batches = cohort.cluster_sample_batches()
+    assert len(batches) == 1  # both slides in one batch rule job
+    targets = [*map(str, tiles.values()), *map(str, embeddings.values()), str(summary), *batches]
     # The jobs inherit this environment (sbatch --export=ALL): conftest put this checkout
     # on PYTHONPATH and the interpreter's scripts first on PATH.
     assert str(ROOT) in os.environ["PYTHONPATH"].split(os.pathsep)
@@ -132,6 +135,8 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
         assert (emb["coords"][:] == store["coords"][:]).all()
         features = emb["features"][:].astype("float32")
         assert np.isfinite(features).all() and features.std() > 0
+        sample = zarr.open_group(samples[slide], mode="r")
+        assert 0 < sample["features"].shape[0] <= n
     rows = summary.read_text().splitlines()[1:]
     assert sorted(row.split("\t")[0] for row in rows) == sorted(SLIDES)
 
@@ -146,9 +151,10 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
     by_name: dict[str, list[int]] = {}
     for job_id, name in submitted.items():
         by_name.setdefault(name, []).append(job_id)
-    # Each per-slide stage ran as one SLURM job for both slides (a batch), not one per slide.
+    # Each per-slide stage ran as one SLURM job for both slides (a group or a batch rule),
+    # not one per slide.
     assert sorted(by_name) == ["group_embed_batch_embed_tiles", "group_tile_batch_tile_slide",
-                               "rule_collect_failures"], by_name
+                               "rule_collect_failures", "rule_sample_embeddings"], by_name
     assert all(len(ids) == 1 for ids in by_name.values()), by_name
     # Only the GPU rule's job held the (fake) GPU; the profile's memory and time reached SLURM.
     for job_id, name in submitted.items():
