@@ -29,9 +29,22 @@ from histopipe.nuclei.multinomial import MultinomialDiffusion
 from histopipe.nuclei.pipeline import NucleiPipeline, tissue_prompts
 from histopipe.nuclei.synthesis import synthesize_nuclei
 from histopipe.nuclei.tasks import JointTask
-from histopipe.nuclei.training import load_nuclei_pipeline, load_text_encoder, train_nuclei_dataset
+from histopipe.nuclei.training import (
+    load_nuclei_pipeline,
+    load_text_encoder,
+    train_nuclei,
+    train_nuclei_dataset,
+)
 from tests.diffusion_helpers import one_thread  # noqa: F401 (autouse fixture)
-from tests.nuclei_model_helpers import CLASS_NAMES, SIZE, TISSUE_NAMES, DiscDataset, disc_item, tiny_model, tiny_train
+from tests.nuclei_model_helpers import (
+    CLASS_NAMES,
+    SIZE,
+    TISSUE_NAMES,
+    DiscDataset,
+    disc_item,
+    tiny_model,
+    tiny_train,
+)
 
 K = len(CLASS_NAMES)
 
@@ -44,7 +57,7 @@ def data():
 @pytest.fixture(scope="module")
 def overfit(data, tmp_path_factory):
     """The joint pixel-space model trained on one fixed batch of 4 items."""
-    m, s = tiny_model(), tiny_train(max_steps=80, checkpoint_every=40)
+    m, s = tiny_model(), tiny_train(max_steps=80, checkpoint_every=40, sample_every=80)
     task = JointTask(m, s, CLASS_NAMES, TISSUE_NAMES, reference_batch(data, 2))
     out = tmp_path_factory.mktemp("joint")
     result = train(task, Subset(data, [0, 1, 2, 3]), s, out)
@@ -136,6 +149,8 @@ def test_joint_model_overfits_a_fixed_batch(overfit):
     assert losses[-15:].mean() < 0.5 * losses[:5].mean()
     assert (out / "model" / "model_index.json").is_file()
     assert [step for step, _ in complete_checkpoints(out / "checkpoints")] == [40, 80]
+    assert (out / "samples" / "step-0000080.png").is_file()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow
@@ -284,9 +299,11 @@ def test_text_condition_from_a_local_clip_folder(data, tmp_path):
 
 
 def test_nudiff_two_step_trains_and_samples(data, tmp_path):
-    m, s = tiny_model(mode="nudiff"), tiny_train(max_steps=3)
+    m, s = tiny_model(mode="nudiff"), tiny_train(max_steps=3, sample_every=3)
     model_dir = train_nuclei_dataset(data, m, s, CLASS_NAMES, TISSUE_NAMES, tmp_path)
     assert (tmp_path / "structure" / "model" / "config.json").is_file()
+    assert (tmp_path / "structure" / "samples" / "step-0000003.png").is_file()  # labels grid
+    assert (tmp_path / "samples" / "step-0000003.png").is_file()  # image grid over sampled structures
     pipe = load_nuclei_pipeline(model_dir)
     st, im = pipe.structure_denoiser, pipe.denoiser
     assert st.config.image_channels == 0 and st.config.num_classes == K and st.point_encoder is None  # unconditional, as published
@@ -294,6 +311,42 @@ def test_nudiff_two_step_trains_and_samples(data, tmp_path):
     out = pipe(_points(data), [0, 1], guidance_scale=2.0, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, SIZE, SIZE, 3) and out.semantic.shape == (2, SIZE, SIZE) and out.semantic.max() < K
     assert out.instances.dtype == np.int32
+
+
+def test_train_nuclei_reads_the_config_and_the_store(data, tmp_path, monkeypatch):
+    store = _write_input_store(tmp_path / "in.zarr")
+    if importlib.util.find_spec("histopipe.nuclei.store") is None:  # Part A unmerged: its dataset contract
+        fake = types.SimpleNamespace(NucleiDataset=lambda path, split: data if split == "train" else None)
+        monkeypatch.setitem(sys.modules, "histopipe.nuclei.store", fake)
+    else:
+        store = _write_part_a_store(tmp_path / "real.zarr")
+    # As YAML would give them (lists, not tuples).
+    model = json.loads(json.dumps(dataclasses.asdict(tiny_model())))
+    train = json.loads(json.dumps(dataclasses.asdict(tiny_train(max_steps=1))))
+    cfg = load_config(None, {"nuclei": {"model": model, "train": train}})
+    model_dir = train_nuclei(cfg, store, tmp_path / "run")
+    pipe = load_nuclei_pipeline(model_dir)
+    assert pipe.config.class_names == CLASS_NAMES and pipe.denoiser.config.num_tissues == len(TISSUE_NAMES)
+    bad = load_config(None, {"nuclei": {"model": {**model, "image_size": 64}, "train": train}})
+    with pytest.raises(HistopipeError, match="image_size=64"):
+        train_nuclei(bad, store, tmp_path / "bad")
+
+
+def _write_part_a_store(path):
+    """A real store written through Part A's writer (once its branch is merged)."""
+    from histopipe.nuclei.readers import NucleiSample
+    from histopipe.nuclei.store import NucleiStoreWriter
+    from scipy import ndimage as ndi
+
+    writer = NucleiStoreWriter(path, SIZE, CLASS_NAMES, TISSUE_NAMES)
+    for i in range(8):
+        it = disc_item(i)
+        sem = it["semantic"].numpy().astype(np.uint8)
+        image = ((it["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        inst = ndi.label(sem > 0)[0].astype(np.int32)  # discs never touch
+        writer.add(NucleiSample(f"d{i}", image, inst, sem, TISSUE_NAMES[int(it["tissue"])]), "train")
+    writer.close()
+    return path
 
 
 def test_resume_continues_like_an_uninterrupted_run(data, tmp_path):
