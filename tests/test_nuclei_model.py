@@ -23,6 +23,7 @@ from histopipe.diffusion.tasks import reference_batch
 from histopipe.diffusion.training import complete_checkpoints, train
 from histopipe.errors import HistopipeError
 from histopipe.nuclei import settings as S
+from histopipe.nuclei import synthesis
 from histopipe.nuclei.layout import LayoutModel, fit_layout, parse_counts, points_of
 from histopipe.nuclei.model import JointDenoiser
 from histopipe.nuclei.multinomial import MultinomialDiffusion
@@ -165,10 +166,14 @@ def test_samples_have_consistent_shapes_and_values(overfit, data):
     assert (out.distance[out.semantic == 0] == 0).all()
     assert out.instances.shape == (3, SIZE, SIZE) and out.instances.dtype == np.int32
     assert (out.instances[out.semantic == 0] == 0).all()
+    for i in range(3):  # one instance at most per marker
+        assert out.instances[i].max() <= int((pts[i] > 0).sum())
     assert np.array_equal(out.points, pts.numpy().astype(np.uint8))
     assert (out.semantic > 0).any()  # the trained model draws nuclei
     with pytest.raises(HistopipeError, match="unknown tissue"):
         pipe(pts, "lung", num_inference_steps=1)
+    with pytest.raises(HistopipeError, match="out of range"):
+        pipe(pts, 2, num_inference_steps=1)
     with pytest.raises(HistopipeError, match="px"):
         pipe(torch.zeros(1, 16, 16, dtype=torch.long), 0, num_inference_steps=1)
 
@@ -466,7 +471,7 @@ def store_writer(monkeypatch):
 
 
 @pytest.mark.slow
-def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store_writer):
+def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store_writer, monkeypatch):
     _, result, _ = overfit
     store = _write_input_store(tmp_path / "in.zarr")
     cfg = load_config(None, {"nuclei": {"synthesis": {"steps": 2, "batch_size": 2, "num_per_layout": 1}}})
@@ -475,7 +480,7 @@ def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store
     assert rows[0].split("\t")[:5] == ["name", "tissue", "source", "seed", "nuclei"]
     names = [r.split("\t")[0] for r in rows[1:]]
     assert names == ["test000003_0", "test000004_0", "test000005_0"]
-    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part-00000.npz", "part-00001.npz"]
+    assert not (out / "parts").exists()  # removed once complete
     for name in names:
         for suffix in ("image", "semantic", "instances"):
             assert (out / "png" / f"{name}_{suffix}.png").is_file()
@@ -486,12 +491,24 @@ def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store
         assert sample.image.shape == (SIZE, SIZE, 3) and sample.instances.dtype == np.int32 and sample.tissue == "breast"
     else:
         assert len(zarr.open_group(str(out / "nuclei.zarr"), mode="r")["image"]) == 3
-    # A rerun resumes: finished parts are not recomputed, and the outputs are the same.
-    stamp = (out / "parts" / "part-00000.npz").stat().st_mtime_ns
+    # An interrupted run resumes: finished parts are not recomputed, and the outputs are the same.
     before = (out / "png" / "test000003_0_image.png").read_bytes()
-    synthesize_nuclei(cfg, result.model_dir, store, out)
-    assert (out / "parts" / "part-00000.npz").stat().st_mtime_ns == stamp
-    assert (out / "png" / "test000003_0_image.png").read_bytes() == before
+    calls = []
+    real_run_part = synthesis._run_part
+
+    def interrupted(pipe, items, s, path):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_run_part(pipe, items, s, path)
+
+    monkeypatch.setattr(synthesis, "_run_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize_nuclei(cfg, result.model_dir, store, tmp_path / "again")
+    assert (tmp_path / "again" / "parts" / "part-00000.npz").is_file() and not (tmp_path / "again" / "manifest.tsv").exists()
+    synthesize_nuclei(cfg, result.model_dir, store, tmp_path / "again")
+    assert calls == ["part-00000.npz", "part-00001.npz", "part-00001.npz"]
+    assert (tmp_path / "again" / "png" / "test000003_0_image.png").read_bytes() == before
 
     cfg = load_config(None, {"nuclei": {"synthesis": {"steps": 2, "batch_size": 4, "num_images": 3, "write_png": False}}})
     out = synthesize_nuclei(cfg, result.model_dir, store, tmp_path / "counts", counts="neutrophil=2,lymphocyte=1", tissue="colon")

@@ -111,7 +111,8 @@ class NucleiPipeline(DiffusionPipeline):
         if isinstance(tissue, (str, int)):
             tissue = [tissue] * b
         if torch.is_tensor(tissue) or isinstance(tissue, np.ndarray):
-            return torch.as_tensor(np.asarray(tissue.cpu() if torch.is_tensor(tissue) else tissue)).long().reshape(-1)
+            ids = torch.as_tensor(np.asarray(tissue.cpu() if torch.is_tensor(tissue) else tissue)).long().reshape(-1)
+            return self._check_ids(ids)
         ids = []
         for t in tissue:
             if isinstance(t, str):
@@ -120,7 +121,13 @@ class NucleiPipeline(DiffusionPipeline):
                 ids.append(names.index(t))
             else:
                 ids.append(int(t))
-        return torch.tensor(ids, dtype=torch.long)
+        return self._check_ids(torch.tensor(ids, dtype=torch.long))
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        n = len(self.config.tissue_names)
+        if n and ((ids < 0) | (ids >= n)).any():
+            raise HistopipeError(f"tissue ids {ids.tolist()} out of range for the model's {n} tissues {list(self.config.tissue_names)}")
+        return ids
 
     def _conditions(self, den: JointDenoiser, points: torch.Tensor, tissue: torch.Tensor) -> dict:
         """Keyword inputs of ``den`` for the conditional and the null (unconditional) pass."""

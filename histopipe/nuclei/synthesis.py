@@ -4,9 +4,10 @@ Layouts come from the held-out point maps of the store's test split (``source: t
 from the HistoSmith layout model given cell-type counts and a tissue (``source: counts``).
 Output folder ``out``:
 
-- ``parts/part-<i>.npz``: one finished batch each, written atomically; a rerun skips the
-  parts present, so an interrupted job resumes where it stopped (item i always uses seed +
-  i, so the result does not depend on where it was interrupted);
+- ``parts/part-<i>.npz``: one finished batch each, written atomically and kept until the run
+  completes; a rerun with the same plan (``parts/plan.json``: model, settings, layouts and
+  seeds) skips the parts present, so an interrupted job resumes where it stopped (item i
+  always uses seed + i, so the result does not depend on where it was interrupted);
 - ``nuclei.zarr``: the triplets in Part A's store format (``NucleiStoreWriter``, split train);
 - ``png/<name>_image.png``, ``_semantic.png`` (class ids), ``_instances.png`` (16-bit ids);
 - ``manifest.tsv``: one row per image (name, tissue, source, seed, nuclei per class), written last.
@@ -14,7 +15,11 @@ Output folder ``out``:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +130,7 @@ def synthesize_nuclei(
     if not items:
         raise HistopipeError(f"{store}: nothing to synthesize (no test point maps / no layouts)")
     parts = out / "parts"
+    _check_plan(parts, model_dir, s, items)
     batches = [items[i : i + s.batch_size] for i in range(0, len(items), s.batch_size)]
     for b, batch in enumerate(batches):
         path = parts / f"part-{b:05d}.npz"
@@ -133,7 +139,24 @@ def synthesize_nuclei(
         _run_part(pipe, batch, s, path)
         log.info("synthesized %s (%d/%d)", path.name, b + 1, len(batches))
     _assemble(pipe, items, [parts / f"part-{b:05d}.npz" for b in range(len(batches))], s, out)
+    shutil.rmtree(parts)
     return out
+
+
+def _check_plan(parts: Path, model_dir: str | Path, s: NucleiSynthesisSettings, items: list[dict]) -> None:
+    """Keep finished parts only if they were made by the same plan; else start over."""
+    plan = {
+        "model": str(Path(model_dir).resolve()),
+        "settings": asdict(s),
+        "items": [[it["name"], it["tissue"], it["seed"], hashlib.sha1(it["points"].tobytes()).hexdigest()] for it in items],
+    }
+    text = json.dumps(plan, sort_keys=True)
+    path = parts / "plan.json"
+    if path.is_file() and path.read_text() != text:
+        log.warning("%s: made by another plan; starting over", parts)
+        shutil.rmtree(parts)
+    if not path.is_file():
+        atomic_write_text(path, text)
 
 
 def _assemble(pipe: NucleiPipeline, items: list[dict], part_files: list[Path], s: NucleiSynthesisSettings, out: Path) -> None:
