@@ -29,7 +29,7 @@ from histopipe.nuclei.model import JointDenoiser
 from histopipe.nuclei.multinomial import MultinomialDiffusion
 from histopipe.nuclei.pipeline import NucleiPipeline, tissue_prompts
 from histopipe.nuclei.synthesis import synthesize_nuclei
-from histopipe.nuclei.tasks import JointTask
+from histopipe.nuclei.tasks import JointTask, flip_rotate
 from histopipe.nuclei.training import (
     load_nuclei_pipeline,
     load_text_encoder,
@@ -220,6 +220,20 @@ def test_guidance_one_is_the_conditional_prediction(overfit, data):
     assert torch.allclose(g3.gaussian, unc.gaussian + 3 * (cond.gaussian - unc.gaussian), atol=1e-4)
     lu, lc = unc.logits.log_softmax(1), cond.logits.log_softmax(1)
     assert torch.allclose(g3.logits, lu + 3 * (lc - lu), atol=1e-4)
+
+
+def test_flips_and_rotations_move_every_map_alike(data):
+    batch = reference_batch(data, 8)
+    out = flip_rotate(batch, torch.Generator().manual_seed(0))
+    changed = 0
+    for i in range(8):
+        sem, pts, dist, img = out["semantic"][i], out["points"][i], out["distance"][i, 0], out["image"][i]
+        assert torch.equal(sem[pts > 0], pts[pts > 0])  # each centroid still on its own nucleus
+        assert torch.equal(sem > 0, dist > -1)  # distance still covers exactly the nuclei
+        assert torch.equal(img[1] < 0, sem > 0)  # image follows the labels (nuclei have little green)
+        assert torch.equal(sem.float().sum(), batch["semantic"][i].float().sum())
+        changed += not torch.equal(sem, batch["semantic"][i])
+    assert changed > 0
 
 
 # ---------------------------------------------------------------- latent space, text condition, NuDiff, resume
