@@ -143,3 +143,168 @@ def test_classes_of_takes_the_majority_label():
     semantic[0, 0:2] = 2  # 2 of 9 pixels of nucleus 1 disagree
     semantic[3:5, 3:5] = 2
     assert classes_of(TRUE, semantic) == {1: 1, 2: 2, 3: 0}
+
+
+# ---------------------------------------------------------------- segmenter, arms, tables
+
+import csv  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from histopipe.config import load_config  # noqa: E402
+from histopipe.errors import ConfigError  # noqa: E402
+from histopipe.evaluation.distribution import registry_factory  # noqa: E402
+from tests.evaluation_helpers import one_thread, tiny_factory  # noqa: E402
+from tests.nuclei_eval_helpers import CLASS_NAMES, disc_dataset, ensure_instances_module  # noqa: E402
+
+ensure_instances_module()  # Part A's separate_instances, or the helper's stand-in until it lands
+
+from histopipe.nuclei.evaluate import (  # noqa: E402
+    DatasetImages,
+    NucleiEvaluationSettings,
+    class_counts,
+    evaluate_datasets,
+    frechet_distances,
+    load_settings,
+    select_rare,
+)
+from histopipe.nuclei.segmentation import (  # noqa: E402
+    SegmenterSettings,
+    build_segmenter,
+    evaluate_segmenter,
+    run_arms,
+    train_segmenter,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
+
+
+def tiny_seg(steps: int, **kw) -> SegmenterSettings:
+    return SegmenterSettings(**({"encoder_depth": 3, "steps": steps, "batch_size": 4, "lr": 3e-3,
+                                 "num_workers": 0} | kw))
+
+
+def test_segmenter_overfits_a_tiny_training_set():
+    train = disc_dataset(8, 32, seed=0)
+    settings = tiny_seg(150)
+    torch.manual_seed(0)
+    model, sha = build_segmenter(settings, len(CLASS_NAMES))
+    logits, distance = model(torch.stack([train[0]["image"]]))
+    assert logits.shape == (1, 4, 32, 32) and distance.shape == (1, 1, 32, 32) and sha is None
+    curve = train_segmenter(model, [train], len(CLASS_NAMES), settings, seed=0, device=CPU)
+    assert curve[-1][0] == 150 and curve[-1][1] < curve[0][1] / 5
+    r = evaluate_segmenter(model, train, len(CLASS_NAMES), settings, CPU, CLASS_NAMES)
+    # Chance: calling every pixel nucleus gives Dice 2f / (1 + f) for foreground share f.
+    f = np.mean([float((s["instances"] > 0).float().mean()) for s in train])
+    assert r["dice"] > max(0.85, 2 * f / (1 + f) + 0.4)
+    assert r["aji"] > 0.7 and r["f1_detection"] > 0.8 and r["accuracy"] > 0.8
+    assert r["n_images"] == 8
+
+
+def test_rare_classes_by_share_or_by_name():
+    train = disc_dataset(12, 32, seed=3)
+    counts = class_counts(train, 4)
+    expected = np.bincount(np.concatenate([s["semantic"][s["points"] > 0].numpy() for s in train]), minlength=4)
+    assert counts.tolist() == expected.tolist() and counts[0] == 0
+    hand = np.array([0, 50, 45, 5])  # shares 0.50, 0.45, 0.05
+    r = select_rare(hand, CLASS_NAMES, 0.1)
+    assert r["classes"] == [3] and r["names"] == ["neutrophil"] and r["n_nuclei"] == 100
+    assert r["shares"]["epithelial"] == pytest.approx(0.45)
+    assert select_rare(hand, CLASS_NAMES, 0.5)["classes"] == [2, 3]
+    assert select_rare(hand, CLASS_NAMES, 0.1, explicit=["epithelial", 1])["classes"] == [1, 2]
+    with pytest.raises(ConfigError, match="rare_classes"):
+        select_rare(hand, CLASS_NAMES, 0.1, explicit=["macrophage"])
+
+
+def test_settings_come_from_the_config_section():
+    cfg = load_config(None, {"nuclei": {"evaluation": {"rare_classes": ["neutrophil"],
+                                                       "segmentation": {"steps": 7}}}})
+    s = load_settings(cfg)
+    assert s.rare_classes == ("neutrophil",) and s.segmentation.steps == 7
+    assert s.encoders == ("efficientnet_lite0",) and s == load_settings(cfg)
+    with pytest.raises(ConfigError, match="instance_method"):
+        SegmenterSettings(instance_method="marker")
+
+
+def test_fd_in_the_registry_encoder_tells_off_colours_apart():
+    real = disc_dataset(12, 32, seed=10)
+    off_colours = {1: (30, 120, 60), 2: (200, 200, 40), 3: (0, 0, 0)}
+    settings = NucleiEvaluationSettings(device="cpu", batch_size=12)
+    encoder = registry_factory("efficientnet_lite0", device="cpu")  # built once, not per call
+
+    def fd(a, b):
+        return frechet_distances(DatasetImages(a, "a"), DatasetImages(b, "b"), settings,
+                                 encoder_factory=lambda *_, **__: encoder)
+
+    same = fd(real, real)
+    other = fd(real, disc_dataset(12, 32, seed=11))
+    off = fd(real, disc_dataset(12, 32, seed=11, colours=off_colours))
+    value = {k: v["efficientnet_lite0"]["fd"] for k, v in (("same", same), ("other", other), ("off", off))}
+    assert value["same"] == pytest.approx(0, abs=1e-6)
+    assert value["off"] > 1.5 * value["other"] > 0
+    assert same["efficientnet_lite0"]["n_real"] == 12 and same["efficientnet_lite0"]["dim"] > 0
+
+
+def test_dataset_images_round_trip_to_uint8_and_subsample():
+    data = disc_dataset(5, 32, seed=4)
+    images = DatasetImages(data, "x", max_samples=3, seed=1)
+    batches = list(images.batches(2))
+    assert len(images) == 3 and [b.shape for b in batches] == [(2, 32, 32, 3), (1, 32, 32, 3)]
+    row = int(images.rows[0])
+    back = batches[0][0].astype(np.float32) / 127.5 - 1
+    assert np.abs(back - data[row]["image"].permute(1, 2, 0).numpy()).max() < 1e-5
+
+
+def test_arms_write_the_table_with_every_column(tmp_path):
+    # Training set short of neutrophils; the synthetic set has plenty.
+    real_train = disc_dataset(6, 32, seed=20, class_probs=(0.55, 0.42, 0.03))
+    synthetic = disc_dataset(6, 32, seed=21, class_probs=(0.3, 0.3, 0.4))
+    test = disc_dataset(4, 32, seed=22)
+    settings = NucleiEvaluationSettings(encoders=("tiny_a", "tiny_b"), device="cpu", batch_size=8,
+                                        segmentation=tiny_seg(12))
+    result = evaluate_datasets(settings, real_train, test, synthetic, CLASS_NAMES, tmp_path,
+                               encoder_factory=tiny_factory)
+    assert set(result["arms"]) == {"real", "real_synthetic"}
+    assert result["arms"]["real"]["n_train_synthetic"] == 0
+    assert result["arms"]["real_synthetic"]["n_train_synthetic"] == 6
+    assert result["n_real_test"] == 4 and result["seed"] == 0
+    assert result["encoders"] == ["tiny_a", "tiny_b"] and set(result["fd"]) == {"tiny_a", "tiny_b"}
+    counts = result["train_class_counts"]
+    assert result["rare"]["names"] == [n for n in CLASS_NAMES[1:] if counts[n] < 0.1 * sum(counts.values())]
+    assert "neutrophil" in result["rare"]["names"]
+    gain = result["rare"]["per_class"]["neutrophil"]
+    assert gain["gain"] == pytest.approx(gain["f1_real_synthetic"] - gain["f1_real"])
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["rare"]["names"] == result["rare"]["names"]
+    with open(tmp_path / "metrics.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    columns = ["arm", "n_train_real", "n_train_synthetic", "n_test", "seed", "steps", "dice", "aji", "pq",
+               "dq", "sq", "f1_detection", "accuracy", "f1_lymphocyte", "f1_epithelial", "f1_neutrophil",
+               "f1_rare_mean", "fd_tiny_a", "fd_tiny_b"]
+    assert list(rows[0]) == columns
+    assert [r["arm"] for r in rows] == ["real", "real_synthetic", "gain"]
+    assert rows[0]["fd_tiny_a"] == "" and float(rows[1]["fd_tiny_a"]) > 0
+    for c in ("dice", "aji", "pq"):
+        a, b = float(rows[0][c]), float(rows[1][c])
+        assert float(rows[2][c]) == pytest.approx(b - a, abs=1e-5)
+    md = (tmp_path / "metrics.md").read_text().splitlines()
+    assert md[0].startswith("| arm |") and len(md) == 5
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_the_real_arm_does_not_depend_on_the_synthetic_set():
+    real_train, test = disc_dataset(4, 32, seed=30), disc_dataset(2, 32, seed=31)
+    settings = tiny_seg(6)
+    alone = run_arms(real_train, None, test, 4, settings, 0, CPU, CLASS_NAMES)
+    both = run_arms(real_train, disc_dataset(4, 32, seed=32), test, 4, settings, 0, CPU, CLASS_NAMES)
+    assert set(alone) == {"real"}
+    assert alone["real"]["loss_curve"] == both["real"]["loss_curve"]
+    assert alone["real"]["dice"] == both["real"]["dice"]
