@@ -104,6 +104,20 @@ HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}.flags.
 TRAINING_CURVE = "{results}/report/{dataset}/training_{model}.png"
 FLAGS_FIGURE = "{results}/report/{dataset}/flags_{variant}.png"
 
+# Nuclei branch (histopipe.nuclei): one store from the nuclei dataset sheet, unlabeled
+# nuclei patches of the WSI cohort per batch of slides, the model of nuclei.model.mode
+# ({mode}: joint or nudiff), its layout model, synthesis and evaluation.
+NUCLEI_DATASET = "{results}/nuclei/dataset.zarr"
+NUCLEI_WSI_BATCH = "{results}/nuclei/wsi/{tiling}/batch-{batch}"
+NUCLEI_WSI = NUCLEI_WSI_BATCH + "/{slide}.zarr"
+NUCLEI_WORK = "{results}/nuclei/models/{mode}"
+NUCLEI_MODEL = NUCLEI_WORK + "/model"
+NUCLEI_LAYOUT = "{results}/nuclei/layout.json"
+NUCLEI_SYNTHETIC = "{results}/nuclei/synthetic/{mode}"
+NUCLEI_SYNTHETIC_STORE = NUCLEI_SYNTHETIC + "/nuclei.zarr"
+NUCLEI_SYNTHETIC_MANIFEST = NUCLEI_SYNTHETIC + "/manifest.tsv"
+NUCLEI_METRICS = "{results}/nuclei/evaluation/{mode}/metrics.{ext}"
+
 # Quality control and logs.
 FAILED_SLIDES = "{results}/qc/failed_slides.tsv"
 LOG = "{results}/logs/{rule}/{name}.log"

@@ -148,6 +148,9 @@ class Cohort:
                              "--labels", str(self.config["labels"]["annotation_labels"] or ""), "--out", out, *views])
             elif stage == "map":
                 cmds.append(["assign-clusters", self.cluster_model(), emb, tiles, "--out", out, *views])
+            elif stage == "nuclei_tiles":
+                cmds.append(["nuclei-wsi-tiles", str(self.by_id[s].path), tiles, "--out", out, "--slide-id", s,
+                             *shlex.split(self.tile_options(s)), "--config-json", config_json])
             elif stage == "patches":
                 cmds.append(["extract-patches", self.map_store(s), str(self.by_id[s].path), "--out", out,
                              "--slide-id", s, *shlex.split(self.tile_options(s)), "--on-error", on_error,
@@ -209,7 +212,28 @@ class Cohort:
         out += self.ablation_outputs()
         if self.config["clustering"]["student"]["enabled"] and self.map_source == "kmeans":
             out.append(paths.STUDENT_MODEL.format(results=r, encoder=self.encoder, tiling=self.tiling_id, k=self.k))
+        if self.config["nuclei"]["enabled"]:
+            out += self.nuclei_outputs()
         return out
+
+    # --- nuclei branch ------------------------------------------------------------------
+    @property
+    def nuclei_mode(self) -> str:
+        return self.config["nuclei"]["model"]["mode"]
+
+    def nuclei_wsi_batches(self) -> list[str]:
+        """Unlabeled nuclei patches of the cohort's slides (none when nuclei.data.wsi_tiles is 0)."""
+        if not self.config["nuclei"]["data"]["wsi_tiles"]:
+            return []
+        return self._batch_dirs(paths.NUCLEI_WSI_BATCH, tiling=self.tiling_id)
+
+    def nuclei_outputs(self) -> list[str]:
+        """The nuclei branch's targets: metrics tables, the synthetic store, the layout
+        model and the WSI nuclei patches."""
+        r, m = self.results, self.nuclei_mode
+        out = [paths.NUCLEI_METRICS.format(results=r, mode=m, ext=e) for e in ("tsv", "json", "md")]
+        out += [paths.NUCLEI_SYNTHETIC_STORE.format(results=r, mode=m), paths.NUCLEI_LAYOUT.format(results=r)]
+        return out + self.nuclei_wsi_batches()
 
     def ablation_outputs(self) -> list[str]:
         """The ablation table (TSV, Markdown, HTML) and its figures."""

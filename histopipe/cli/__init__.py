@@ -28,6 +28,7 @@ COMMANDS = (
     "histopipe.cli.report",
     "histopipe.cli.train",
     "histopipe.cli.synthesize",
+    "histopipe.cli.nuclei",
 )
 
 

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--tissue", default="unknown", help="tissue type recorded for the patches (default unknown)")
     add_config_args(w)
     w.set_defaults(func=run_wsi_tiles)
+    register_models(sub)
 
 
 def _data_settings(args: argparse.Namespace):
@@ -58,4 +59,81 @@ def run_wsi_tiles(args: argparse.Namespace) -> int:
     build_wsi_store(args.slide, args.tiles, args.out, settings, slide_id=args.slide_id, backend=args.backend,
                     mpp=args.slide_mpp, tissue=args.tissue)
     print(f"{args.slide.name}: nuclei patches at {settings.wsi_mpp} µm/px -> {args.out}")
+    return 0
+
+
+def register_models(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train-nuclei", help="train the nuclei diffusion model (joint or NuDiff) on a nuclei store",
+                       description="Train the model of config nuclei.model on the train split of a nuclei store; checkpoints, "
+                                   "TensorBoard logs and sample grids go under --out, the pipeline to --out/model. A rerun "
+                                   "resumes from the newest complete checkpoint.")
+    t.add_argument("store", type=Path, help="nuclei store (.zarr) from nuclei-dataset")
+    t.add_argument("--out", type=Path, required=True, help="training folder (the model is written to OUT/model)")
+    t.add_argument("--vae", type=Path, default=None, help="VAE folder for latent space when nuclei.model.vae_pretrained is unset")
+    add_config_args(t)
+    t.set_defaults(func=run_train)
+
+    lay = sub.add_parser("fit-nuclei-layout", help="fit the layout model (cell-type counts + tissue -> point maps) on a nuclei store",
+                         description="Learn per tissue the nucleus counts, positions and class-pair spacings of the store's "
+                                     "train split (HistoSmith-style layouts); written as JSON.")
+    lay.add_argument("store", type=Path, help="nuclei store (.zarr)")
+    lay.add_argument("--out", type=Path, required=True, help="output layout model (.json)")
+    add_config_args(lay)
+    lay.set_defaults(func=run_layout)
+
+    s = sub.add_parser("synthesize-nuclei", help="synthesize nuclei image + label + distance triplets",
+                       description="Held-out point maps of the store's test split (default), or layouts drawn from cell-type "
+                                   "counts and a tissue type, e.g. --tissue colon --counts neutrophil=12,epithelial=80. "
+                                   "Writes OUT/nuclei.zarr (a nuclei store), PNGs and a manifest; resumable.")
+    s.add_argument("model", type=Path, help="nuclei pipeline folder (train-nuclei's OUT/model)")
+    s.add_argument("--store", type=Path, required=True, help="nuclei store: test point maps, class and tissue names, layouts")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--tissue", default=None, help="tissue type of the layouts (switches to counts mode)")
+    s.add_argument("--counts", default=None, help="cell-type counts, e.g. neutrophil=12,epithelial=80 (switches to counts mode)")
+    s.add_argument("--layout", type=Path, default=None, help="layout model JSON (default: fitted on the store's train split)")
+    add_config_args(s)
+    s.set_defaults(func=run_synthesize)
+
+    e = sub.add_parser("evaluate-nuclei", help="FD and downstream nuclei segmentation: real vs real + synthetic",
+                       description="Fréchet distance of synthetic vs real test images in the configured encoders; a U-Net "
+                                   "(semantic + distance, watershed instances) trained on real and on real + synthetic, scored "
+                                   "on the real test split (Dice, AJI, PQ, per-class F1, accuracy, rare-class gain).")
+    e.add_argument("real", type=Path, help="real nuclei store (.zarr)")
+    e.add_argument("--synthetic", type=Path, default=None, help="synthetic nuclei store (synthesize-nuclei's OUT/nuclei.zarr)")
+    e.add_argument("--out", type=Path, required=True, help="output folder (metrics.tsv, metrics.json, metrics.md)")
+    add_config_args(e)
+    e.set_defaults(func=run_evaluate)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from histopipe.nuclei.training import train_nuclei
+
+    model = train_nuclei(config_from_args(args), args.store, args.out, vae=args.vae)
+    print(f"nuclei model -> {model}")
+    return 0
+
+
+def run_layout(args: argparse.Namespace) -> int:
+    from histopipe.nuclei.layout import fit_layout
+    from histopipe.nuclei.settings import layout_settings
+
+    fit_layout(args.store, args.out, layout_settings(config_from_args(args)))
+    print(f"layout model -> {args.out}")
+    return 0
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    from histopipe.nuclei.synthesis import synthesize_nuclei
+
+    out = synthesize_nuclei(config_from_args(args), args.model, args.store, args.out, counts=args.counts,
+                            tissue=args.tissue, layout=args.layout)
+    print(f"synthetic nuclei -> {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from histopipe.nuclei.evaluate import evaluate_nuclei
+
+    evaluate_nuclei(config_from_args(args), args.real, args.synthetic, args.out)
+    print(f"nuclei evaluation -> {args.out}")
     return 0

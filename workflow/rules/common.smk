@@ -6,6 +6,7 @@ from snakemake.utils import validate
 
 from histopipe import paths
 from histopipe.errors import HistopipeError
+from histopipe.nuclei.sheet import read_nuclei_sheet
 from histopipe.sheet import read_sheet
 from histopipe.workflow import Cohort
 
@@ -13,6 +14,7 @@ from histopipe.workflow import Cohort
 validate(config, "../schemas/config.schema.yaml")
 try:
     COHORT = Cohort(read_sheet(config["sheet"]), config)
+    NUCLEI_SOURCES = read_nuclei_sheet(config["nuclei"]["sheet"]) if config["nuclei"]["enabled"] else []
 except HistopipeError as err:
     raise WorkflowError(str(err)) from None
 
@@ -73,6 +75,21 @@ def config_json(*sections):
 def join_name(*parts):
     """Log and benchmark names nest like the outputs they belong to."""
     return "/".join(parts)
+
+
+def nuclei_config(wildcards):
+    # A function, not a string: the prompt template's {tissue} is not a wildcard.
+    return config_json("nuclei")
+
+
+def nuclei_train_inputs():
+    """The nuclei store, and the workflow's VAE when the nuclei model works in its latent
+    space without a pretrained one."""
+    inputs = {"store": paths.NUCLEI_DATASET.format(results=R)}
+    model = config["nuclei"]["model"]
+    if model["space"] == "latent" and not model["vae_pretrained"]:
+        inputs["vae"] = COHORT.vae_model()
+    return inputs
 
 
 def ldm_config_json(wildcards):
