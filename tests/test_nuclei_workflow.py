@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from histopipe.sheet import read_sheet
-from tests.helpers import ROOT, snakemake
+from tests.helpers import ROOT, run_cli, snakemake
 from tests.nuclei_helpers import write_conic
 
 pytestmark = pytest.mark.slow
@@ -67,6 +67,21 @@ def test_nuclei_branch_runs_end_to_end_and_resumes(tmp_path, demo_cohort):
     assert len(wsi) == 1
     images = zarr.open_group(str(wsi[0]), mode="r")["image"]
     assert images.shape == (3, 64, 64, 3) and np.asarray(images).std() > 5
+
+    # The user-defined mode of the command line: cell-type counts and a tissue type.
+    out = tmp_path / "counts"
+    settings = {"nuclei": {"synthesis": {"num_images": 2, "steps": 2, "batch_size": 2}}}
+    r = run_cli("synthesize-nuclei", work / "model", "--store", results / "nuclei" / "dataset.zarr", "--tissue", "colon",
+                "--counts", "neutrophil=2,epithelial=3", "--out", out, "--config-json", json.dumps(settings))
+    assert r.returncode == 0, r.stderr[-3000:]
+    drawn = NucleiDataset(out / "nuclei.zarr", split=None)
+    assert len(drawn) == 2
+    for i in range(2):
+        points = drawn[i]["points"].numpy()
+        assert (points == 1).sum() == 2 and (points == 2).sum() == 3 and (points > 2).sum() == 0
+    r = run_cli("synthesize-nuclei", work / "model", "--store", results / "nuclei" / "dataset.zarr", "--tissue", "colon",
+                "--counts", "macrophage=2", "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "macrophage" in r.stderr
 
     # A rerun finds everything done.
     r = snakemake(tmp_path, "nuclei", "-n", *cfg, extra_configs=CONFIGS)
