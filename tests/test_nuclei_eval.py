@@ -3,9 +3,25 @@ real vs real + synthetic arms, FD and the written tables, rare-class selection."
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from histopipe.config import load_config
+from histopipe.errors import ConfigError, HistopipeError
+from histopipe.evaluation.distribution import registry_factory
+from histopipe.nuclei.evaluate import (
+    DatasetImages,
+    NucleiEvaluationSettings,
+    class_counts,
+    evaluate_datasets,
+    frechet_distances,
+    load_settings,
+    select_rare,
+)
 from histopipe.nuclei.metrics import (
     NucleiScores,
     aji_terms,
@@ -14,6 +30,15 @@ from histopipe.nuclei.metrics import (
     overlaps,
     score_image,
 )
+from histopipe.nuclei.segmentation import (
+    SegmenterSettings,
+    build_segmenter,
+    evaluate_segmenter,
+    run_arms,
+    train_segmenter,
+)
+from tests.evaluation_helpers import one_thread, tiny_factory
+from tests.nuclei_eval_helpers import CLASS_NAMES, ListDataset, disc_dataset
 
 # True map: nucleus 1 = 9 px (rows 0-2, cols 0-2), nucleus 2 = 4 px (rows 3-4, cols 3-4),
 # nucleus 3 = 2 px (row 5, cols 0-1).
@@ -146,41 +171,6 @@ def test_classes_of_takes_the_majority_label():
 
 
 # ---------------------------------------------------------------- segmenter, arms, tables
-
-import csv  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from histopipe.config import load_config  # noqa: E402
-from histopipe.errors import ConfigError, HistopipeError  # noqa: E402
-from histopipe.evaluation.distribution import registry_factory  # noqa: E402
-from tests.evaluation_helpers import one_thread, tiny_factory  # noqa: E402
-from tests.nuclei_eval_helpers import (  # noqa: E402
-    CLASS_NAMES,
-    ListDataset,
-    disc_dataset,
-    ensure_instances_module,
-)
-
-ensure_instances_module()  # Part A's separate_instances, or the helper's stand-in until it lands
-
-from histopipe.nuclei.evaluate import (  # noqa: E402
-    DatasetImages,
-    NucleiEvaluationSettings,
-    class_counts,
-    evaluate_datasets,
-    frechet_distances,
-    load_settings,
-    select_rare,
-)
-from histopipe.nuclei.segmentation import (  # noqa: E402
-    SegmenterSettings,
-    build_segmenter,
-    evaluate_segmenter,
-    run_arms,
-    train_segmenter,
-)
 
 CPU = torch.device("cpu")
 

@@ -21,15 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from histopipe.diffusion.pipeline import latents_to_images, to_uint8
 from histopipe.errors import HistopipeError
+from histopipe.nuclei.instances import separate_instances
 from histopipe.nuclei.model import DenoiserOutput, JointDenoiser, structure_tensor
 from histopipe.nuclei.multinomial import MultinomialDiffusion, sample_categorical
-
-try:  # Part A's contract function; the fallback only stands in until the branches merge.
-    from histopipe.nuclei.instances import separate_instances
-except ImportError:  # pragma: no cover - depends on the merge state
-    from histopipe.nuclei._instances_fallback import (
-        fallback_separate_instances as separate_instances,
-    )
 
 
 @dataclass
