@@ -39,12 +39,6 @@ class NucleiOutput(BaseOutput):
     points: np.ndarray
 
 
-def points_from_raster(raster: np.ndarray) -> np.ndarray:
-    """Centroid raster (S, S) → (N, 3) int rows (y, x, class)."""
-    ys, xs = np.nonzero(raster)
-    return np.stack([ys, xs, raster[ys, xs]], 1).astype(np.int64)
-
-
 def tissue_prompts(template: str, tissues: list[str], points: torch.Tensor, class_names: list[str]) -> list[str]:
     """One prompt per item: ``template`` with {tissue} and {types} (classes present in points (B, S, S))."""
     out = []
@@ -236,7 +230,8 @@ class NucleiPipeline(DiffusionPipeline):
         instances = np.zeros(semantic.shape, np.int32)
         if instance_method is not None:
             for i in range(b):
-                markers = points_from_raster(raster[i]) if instance_method == "marker" else None
+                # separate_instances takes the centroid raster itself as the marker map.
+                markers = raster[i] if instance_method == "marker" else None
                 instances[i] = separate_instances(semantic[i], distance[i], markers, method=instance_method)[0]
         self.maybe_free_model_hooks()
         return NucleiOutput(images=to_uint8(images), semantic=semantic, distance=distance, instances=instances, points=raster)
