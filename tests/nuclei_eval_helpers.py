@@ -1,11 +1,7 @@
 """In-memory nuclei datasets for the evaluation tests (coloured discs on a pink background,
-known classes), and a stand-in for ``histopipe.nuclei.instances`` while Part A's module has
-not landed on this branch."""
+known classes)."""
 
 from __future__ import annotations
-
-import sys
-import types
 
 import numpy as np
 import torch
@@ -16,36 +12,6 @@ BACKGROUND = (232, 182, 205)
 # Class 1 dark purple, class 2 blue, class 3 (rare in the training set) brown.
 CLASS_COLOURS = {1: (80, 30, 120), 2: (40, 70, 170), 3: (130, 70, 30)}
 CLASS_NAMES = ("background", "lymphocyte", "epithelial", "neutrophil")
-
-
-def _fallback_separate_instances(semantic, distance, points=None, method="watershed"):
-    """Test-only stand-in with the contract's signature: watershed on -distance from the
-    components of distance > 0.5 (or plain connected components), classes by majority."""
-    from skimage.segmentation import watershed
-
-    from histopipe.nuclei.metrics import classes_of
-
-    fg = semantic > 0
-    if method == "connectivity":
-        instances = ndimage.label(fg)[0]
-    else:
-        markers = ndimage.label((distance > 0.5) & fg)[0]
-        instances = watershed(-distance, markers, mask=fg)
-        # Foreground blobs without a marker become instances of their own.
-        rest, n = ndimage.label(fg & (instances == 0))
-        instances = np.where(rest > 0, rest + instances.max(), instances)
-    instances = instances.astype(np.int32)
-    return instances, classes_of(instances, semantic)
-
-
-def ensure_instances_module() -> None:
-    """Install the stand-in as ``histopipe.nuclei.instances`` only if the real one is absent."""
-    try:
-        import histopipe.nuclei.instances  # noqa: F401
-    except ModuleNotFoundError:
-        module = types.ModuleType("histopipe.nuclei.instances")
-        module.separate_instances = _fallback_separate_instances
-        sys.modules["histopipe.nuclei.instances"] = module
 
 
 def disc_sample(size: int, rng: np.random.Generator, class_probs=(0.5, 0.4, 0.1),

@@ -3,17 +3,42 @@ real vs real + synthetic arms, FD and the written tables, rare-class selection."
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from histopipe.config import load_config
+from histopipe.errors import ConfigError
+from histopipe.evaluation.distribution import registry_factory
+from histopipe.nuclei.evaluate import (
+    DatasetImages,
+    NucleiEvaluationSettings,
+    class_counts,
+    evaluate_datasets,
+    frechet_distances,
+    load_settings,
+    select_rare,
+)
+from histopipe.nuclei.labels import instance_classes
 from histopipe.nuclei.metrics import (
     NucleiScores,
     aji_terms,
-    classes_of,
     match_instances,
     overlaps,
     score_image,
 )
+from histopipe.nuclei.segmentation import (
+    SegmenterSettings,
+    build_segmenter,
+    evaluate_segmenter,
+    run_arms,
+    train_segmenter,
+)
+from tests.evaluation_helpers import one_thread, tiny_factory
+from tests.nuclei_eval_helpers import CLASS_NAMES, disc_dataset
 
 # True map: nucleus 1 = 9 px (rows 0-2, cols 0-2), nucleus 2 = 4 px (rows 3-4, cols 3-4),
 # nucleus 3 = 2 px (row 5, cols 0-1).
@@ -137,50 +162,15 @@ def test_empty_prediction_scores_zero_and_nothing_is_undefined():
     assert np.isnan(nothing["dice"]) and np.isnan(nothing["aji"]) and np.isnan(nothing["pq"])
 
 
-def test_classes_of_takes_the_majority_label():
+def test_instance_classes_are_the_majority_label_the_scores_assume():
     semantic = np.zeros((6, 6), np.uint8)
     semantic[0:3, 0:3] = 1
     semantic[0, 0:2] = 2  # 2 of 9 pixels of nucleus 1 disagree
     semantic[3:5, 3:5] = 2
-    assert classes_of(TRUE, semantic) == {1: 1, 2: 2, 3: 0}
+    assert instance_classes(TRUE, semantic) == {1: 1, 2: 2, 3: 0}
 
 
 # ---------------------------------------------------------------- segmenter, arms, tables
-
-import csv  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from histopipe.config import load_config  # noqa: E402
-from histopipe.errors import ConfigError, HistopipeError  # noqa: E402
-from histopipe.evaluation.distribution import registry_factory  # noqa: E402
-from tests.evaluation_helpers import one_thread, tiny_factory  # noqa: E402
-from tests.nuclei_eval_helpers import (  # noqa: E402
-    CLASS_NAMES,
-    ListDataset,
-    disc_dataset,
-    ensure_instances_module,
-)
-
-ensure_instances_module()  # Part A's separate_instances, or the helper's stand-in until it lands
-
-from histopipe.nuclei.evaluate import (  # noqa: E402
-    DatasetImages,
-    NucleiEvaluationSettings,
-    class_counts,
-    evaluate_datasets,
-    frechet_distances,
-    load_settings,
-    select_rare,
-)
-from histopipe.nuclei.segmentation import (  # noqa: E402
-    SegmenterSettings,
-    build_segmenter,
-    evaluate_segmenter,
-    run_arms,
-    train_segmenter,
-)
 
 CPU = torch.device("cpu")
 
@@ -312,20 +302,3 @@ def test_the_real_arm_does_not_depend_on_the_synthetic_set():
     assert set(alone) == {"real"}
     assert alone["real"]["loss_curve"] == both["real"]["loss_curve"]
     assert alone["real"]["dice"] == both["real"]["dice"]
-
-
-def test_test_split_items_get_the_stores_true_instances(tmp_path):
-    import zarr
-
-    from histopipe.nuclei.evaluate import WithTrueInstances
-
-    # A store with the contract's `split` (0 train, 1 test) and `instances` arrays.
-    instances = np.arange(5 * 4 * 4, dtype=np.int32).reshape(5, 4, 4)
-    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
-    group.create_array("instances", data=instances)
-    group.create_array("split", data=np.array([0, 1, 0, 1, 1], np.uint8))
-    items = ListDataset([{"image": torch.zeros(3, 4, 4)} for _ in range(3)])
-    test = WithTrueInstances(items, tmp_path / "s.zarr", "test")
-    assert len(test) == 3 and test[1]["instances"].tolist() == instances[3].tolist()
-    with pytest.raises(HistopipeError, match="rows"):
-        WithTrueInstances(ListDataset([]), tmp_path / "s.zarr", "test")

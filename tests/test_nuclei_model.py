@@ -4,18 +4,14 @@ the latent and text variants, resumption, the layout model and synthesis. Tiny m
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import string
-import sys
-import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-import zarr
 from diffusers import AutoencoderKL
+from scipy import ndimage
 from torch.utils.data import Subset
 
 from histopipe.config import load_config
@@ -24,10 +20,14 @@ from histopipe.diffusion.training import complete_checkpoints, train
 from histopipe.errors import HistopipeError
 from histopipe.nuclei import settings as S
 from histopipe.nuclei import synthesis
-from histopipe.nuclei.layout import LayoutModel, fit_layout, parse_counts, points_of
+from histopipe.nuclei.dataset import NucleiDataset
+from histopipe.nuclei.labels import points_from_raster
+from histopipe.nuclei.layout import LayoutModel, fit_layout, parse_counts
 from histopipe.nuclei.model import JointDenoiser
 from histopipe.nuclei.multinomial import MultinomialDiffusion
 from histopipe.nuclei.pipeline import NucleiPipeline, tissue_prompts
+from histopipe.nuclei.readers import NucleiSample
+from histopipe.nuclei.store import NucleiStoreWriter, store_info
 from histopipe.nuclei.synthesis import synthesize_nuclei
 from histopipe.nuclei.tasks import JointTask, flip_rotate
 from histopipe.nuclei.training import (
@@ -166,8 +166,13 @@ def test_samples_have_consistent_shapes_and_values(overfit, data):
     assert (out.distance[out.semantic == 0] == 0).all()
     assert out.instances.shape == (3, SIZE, SIZE) and out.instances.dtype == np.int32
     assert (out.instances[out.semantic == 0] == 0).all()
-    for i in range(3):  # one instance at most per marker
-        assert out.instances[i].max() <= int((pts[i] > 0).sum())
+    for i in range(3):
+        # separate_instances: one instance per marker on a nucleus, plus one per (4-connected)
+        # foreground blob no marker reaches; small ones are dropped.
+        fg, marked = out.semantic[i] > 0, pts[i].numpy() > 0
+        blobs, n = ndimage.label(fg)
+        unreached = n - len(np.unique(blobs[marked & fg]))
+        assert out.instances[i].max() <= int((marked & fg).sum()) + unreached
     assert np.array_equal(out.points, pts.numpy().astype(np.uint8))
     assert (out.semantic > 0).any()  # the trained model draws nuclei
     with pytest.raises(HistopipeError, match="unknown tissue"):
@@ -332,13 +337,8 @@ def test_nudiff_two_step_trains_and_samples(data, tmp_path):
     assert out.instances.dtype == np.int32
 
 
-def test_train_nuclei_reads_the_config_and_the_store(data, tmp_path, monkeypatch):
-    store = _write_input_store(tmp_path / "in.zarr")
-    if importlib.util.find_spec("histopipe.nuclei.store") is None:  # Part A unmerged: its dataset contract
-        fake = types.SimpleNamespace(NucleiDataset=lambda path, split: data if split == "train" else None)
-        monkeypatch.setitem(sys.modules, "histopipe.nuclei.store", fake)
-    else:
-        store = _write_part_a_store(tmp_path / "real.zarr")
+def test_train_nuclei_reads_the_config_and_the_store(tmp_path):
+    store = _disc_store(tmp_path / "in.zarr", n=8, test=())
     # As YAML would give them (lists, not tuples).
     model = json.loads(json.dumps(dataclasses.asdict(tiny_model())))
     train = json.loads(json.dumps(dataclasses.asdict(tiny_train(max_steps=1))))
@@ -349,23 +349,20 @@ def test_train_nuclei_reads_the_config_and_the_store(data, tmp_path, monkeypatch
     bad = load_config(None, {"nuclei": {"model": {**model, "image_size": 64}, "train": train}})
     with pytest.raises(HistopipeError, match="image_size=64"):
         train_nuclei(bad, store, tmp_path / "bad")
+    with pytest.raises(HistopipeError, match="no labelled train patches"):
+        train_nuclei(cfg, _disc_store(tmp_path / "test_only.zarr", n=2, test=(0, 1)), tmp_path / "none")
 
 
-def _write_part_a_store(path):
-    """A real store written through Part A's writer (once its branch is merged)."""
-    from histopipe.nuclei.readers import NucleiSample
-    from histopipe.nuclei.store import NucleiStoreWriter
-    from scipy import ndimage as ndi
-
+def _disc_store(path, n=6, test=(3, 4, 5)):
+    """A real nuclei store (Part A's writer) of ``disc_item(0..n-1)``; rows in ``test`` are the test split."""
     writer = NucleiStoreWriter(path, SIZE, CLASS_NAMES, TISSUE_NAMES)
-    for i in range(8):
+    for i in range(n):
         it = disc_item(i)
         sem = it["semantic"].numpy().astype(np.uint8)
         image = ((it["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-        inst = ndi.label(sem > 0)[0].astype(np.int32)  # discs never touch
-        writer.add(NucleiSample(f"d{i}", image, inst, sem, TISSUE_NAMES[int(it["tissue"])]), "train")
-    writer.close()
-    return path
+        inst = ndimage.label(sem > 0)[0].astype(np.int32)  # discs never touch
+        writer.add(NucleiSample(f"d{i}", image, inst, sem, TISSUE_NAMES[int(it["tissue"])]), "test" if i in test else "train")
+    return writer.close()
 
 
 def test_resume_continues_like_an_uninterrupted_run(data, tmp_path):
@@ -386,7 +383,7 @@ def test_resume_continues_like_an_uninterrupted_run(data, tmp_path):
 
 
 def _layout(**kw) -> LayoutModel:
-    samples = [(points_of(disc_item(i)["points"].numpy()), i % 2) for i in range(40)]
+    samples = [(points_from_raster(disc_item(i)["points"].numpy()), i % 2) for i in range(40)]
     return LayoutModel.fit(samples, CLASS_NAMES, TISSUE_NAMES, SIZE, S.NucleiLayoutSettings(**kw))
 
 
@@ -435,59 +432,10 @@ def test_layout_honours_counts_and_spacing(tmp_path):
 # ---------------------------------------------------------------- synthesis
 
 
-def _write_input_store(path, n=6):
-    """The arrays and attrs of Part A's store that synthesis and fit_layout read."""
-    items = [disc_item(i) for i in range(n)]
-    g = zarr.open_group(str(path), mode="w")
-    g.create_array("points", data=np.stack([it["points"].numpy() for it in items]).astype(np.uint8))
-    g.create_array("tissue", data=np.array([int(it["tissue"]) for it in items], np.int16))
-    g.create_array("split", data=np.array([0, 0, 0, 1, 1, 1][:n], np.uint8))
-    g.attrs.update(class_names=CLASS_NAMES, tissue_names=TISSUE_NAMES, patch_size=SIZE)
-    return path
-
-
-@dataclass
-class _Sample:
-    name: str
-    image: np.ndarray
-    instances: np.ndarray
-    semantic: np.ndarray
-    tissue: str
-
-
-class _RecordingWriter:
-    """Stands in for Part A's NucleiStoreWriter (same contract) while that branch is unmerged."""
-
-    written: dict = {}
-
-    def __init__(self, path, patch_size, class_names, tissue_names):
-        self.path, self.samples = path, []
-        _RecordingWriter.written[str(path)] = self
-        self.meta = (patch_size, list(class_names), list(tissue_names))
-        self.closed = False
-
-    def add(self, sample, split):
-        self.samples.append((sample, split))
-
-    def close(self):
-        self.closed = True
-
-
-@pytest.fixture
-def store_writer(monkeypatch):
-    """Part A's store module when present, else a recording stand-in of its contract."""
-    if importlib.util.find_spec("histopipe.nuclei.store") is not None:
-        return None
-    monkeypatch.setitem(sys.modules, "histopipe.nuclei.store", types.SimpleNamespace(NucleiStoreWriter=_RecordingWriter))
-    monkeypatch.setitem(sys.modules, "histopipe.nuclei.readers", types.SimpleNamespace(NucleiSample=_Sample))
-    _RecordingWriter.written.clear()
-    return _RecordingWriter
-
-
 @pytest.mark.slow
-def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store_writer, monkeypatch):
+def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, monkeypatch):
     _, result, _ = overfit
-    store = _write_input_store(tmp_path / "in.zarr")
+    store = _disc_store(tmp_path / "in.zarr")
     cfg = load_config(None, {"nuclei": {"synthesis": {"steps": 2, "batch_size": 2, "num_per_layout": 1}}})
     out = synthesize_nuclei(cfg, result.model_dir, store, tmp_path / "syn")
     rows = (out / "manifest.tsv").read_text().strip().split("\n")
@@ -498,13 +446,16 @@ def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store
     for name in names:
         for suffix in ("image", "semantic", "instances"):
             assert (out / "png" / f"{name}_{suffix}.png").is_file()
-    if store_writer is not None:
-        writer = store_writer.written[str(out / "nuclei.zarr")]
-        assert writer.closed and [s.name for s, _ in writer.samples] == names
-        sample = writer.samples[0][0]
-        assert sample.image.shape == (SIZE, SIZE, 3) and sample.instances.dtype == np.int32 and sample.tissue == "breast"
-    else:
-        assert len(zarr.open_group(str(out / "nuclei.zarr"), mode="r")["image"]) == 3
+    info = store_info(out / "nuclei.zarr")
+    assert info["n_patches"] == 3 and info["splits"] == {"train": 3, "test": 0}
+    assert info["class_names"] == CLASS_NAMES and info["tissue_names"] == TISSUE_NAMES and info["patch_size"] == SIZE
+    synthetic = NucleiDataset(out / "nuclei.zarr", split=None)
+    assert [int(synthetic[i]["tissue"]) for i in range(3)] == [1, 0, 1]  # the test rows' tissues (3 % 2, ...)
+    for i in range(3):
+        item = synthetic[i]
+        assert item["image"].shape == (3, SIZE, SIZE) and item["instances"].dtype == torch.int64
+        assert torch.equal(item["semantic"] > 0, item["instances"] > 0)  # labels agree, as in real stores
+        assert int((item["points"] > 0).sum()) == int(item["instances"].max())  # one centroid per nucleus
     # An interrupted run resumes: finished parts are not recomputed, and the outputs are the same.
     before = (out / "png" / "test000003_0_image.png").read_bytes()
     calls = []
@@ -534,7 +485,7 @@ def test_synthesis_from_test_point_maps_and_from_counts(overfit, tmp_path, store
 
 
 def test_fit_layout_reads_the_store(tmp_path):
-    store = _write_input_store(tmp_path / "in.zarr")
+    store = _disc_store(tmp_path / "in.zarr")
     model = LayoutModel.load(fit_layout(store, tmp_path / "layout.json"))
     assert model.tissue_names == TISSUE_NAMES and model.size == SIZE
     assert sum(len(v) for v in model.counts.values()) == 3  # the train split only

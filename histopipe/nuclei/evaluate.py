@@ -27,6 +27,7 @@ from histopipe.evaluation.features import embed_set
 from histopipe.evaluation.frechet import frechet_distance_stats
 from histopipe.evaluation.outputs import format_cell, write_json, write_tsv
 from histopipe.evaluation.settings import resolve_device
+from histopipe.nuclei.dataset import NucleiDataset
 from histopipe.nuclei.segmentation import SegmenterSettings, run_arms
 
 log = logging.getLogger(__name__)
@@ -239,43 +240,27 @@ def evaluate_datasets(
     return result
 
 
-class WithTrueInstances(Dataset):
-    """Adds the store's true ``instances`` to the items of ``NucleiDataset(path, split)``.
-
-    Relies on the contract that the dataset lists the split's rows in store order."""
-
-    def __init__(self, dataset: Dataset, path: str | Path, split: str):
-        import zarr
-
-        group = zarr.open_group(str(path), mode="r")
-        code = {"train": 0, "test": 1}[split]
-        self.rows = np.flatnonzero(group["split"][:] == code)
-        if len(self.rows) != len(dataset):
-            raise HistopipeError(f"{path}: split {split!r} has {len(self.rows)} rows, the dataset {len(dataset)}")
-        self.dataset, self.instances = dataset, group["instances"]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.dataset[i])
-        if "instances" not in item:
-            item["instances"] = torch.from_numpy(np.asarray(self.instances[int(self.rows[i])], np.int64))
-        return item
-
-
 def evaluate_nuclei(cfg: dict, real_store: str | Path, synthetic_store: str | Path | None,
-                    out_dir: str | Path) -> dict:
+                    out_dir: str | Path, encoder_factory: EncoderFactory = registry_factory) -> dict:
     """Evaluate a synthetic nuclei store against a real one (Part A's store format): FD in
-    the configured encoders, the segmenter arms on the real test split, rare-class gain."""
-    import zarr
+    the configured encoders, the segmenter arms on the real test split, rare-class gain.
 
-    from histopipe.nuclei.store import NucleiDataset
-
+    The real test items carry their true ``instances`` (``NucleiDataset``), which the
+    instance scores need. Both stores must share one class list, in one order.
+    """
     settings = load_settings(cfg)
-    class_names = list(zarr.open_group(str(real_store), mode="r").attrs["class_names"])
     real_train = NucleiDataset(real_store, split="train")
-    real_test = WithTrueInstances(NucleiDataset(real_store, split="test"), real_store, "test")
-    synthetic = NucleiDataset(synthetic_store, split=None) if synthetic_store is not None else None
+    real_test = NucleiDataset(real_store, split="test")
+    if len(real_train) == 0 or len(real_test) == 0:
+        raise HistopipeError(f"{real_store}: the real store needs train and test patches "
+                             f"(has {len(real_train)} train, {len(real_test)} test)")
+    class_names = list(real_train.class_names)
+    synthetic = None
+    if synthetic_store is not None:
+        synthetic = NucleiDataset(synthetic_store, split=None)
+        if list(synthetic.class_names) != class_names:
+            raise HistopipeError(f"{synthetic_store}: classes {list(synthetic.class_names)} differ from "
+                                 f"the real store's {class_names} ({real_store})")
     sources = {"real_store": str(real_store), "synthetic_store": str(synthetic_store) if synthetic_store else None}
-    return evaluate_datasets(settings, real_train, real_test, synthetic, class_names, out_dir, sources=sources)
+    return evaluate_datasets(settings, real_train, real_test, synthetic, class_names, out_dir,
+                             encoder_factory=encoder_factory, sources=sources)

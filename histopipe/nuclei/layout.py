@@ -20,7 +20,9 @@ import numpy as np
 
 from histopipe.atomic import atomic_write_text
 from histopipe.errors import HistopipeError
+from histopipe.nuclei.labels import points_from_raster
 from histopipe.nuclei.settings import NucleiLayoutSettings
+from histopipe.nuclei.store import SPLITS, open_nuclei_store
 
 
 def parse_counts(text: str, class_names: list[str] | tuple[str, ...] | None = None) -> dict[str, int]:
@@ -55,12 +57,6 @@ def check_class_names(counts: dict[str, int], class_names) -> None:
         raise HistopipeError(f"unknown nucleus classes {unknown}; known classes: {known}")
 
 
-def points_of(raster: np.ndarray) -> np.ndarray:
-    """Centroid raster (S, S) → (N, 3) int64 rows (y, x, class)."""
-    ys, xs = np.nonzero(raster)
-    return np.stack([ys, xs, raster[ys, xs]], 1).astype(np.int64)
-
-
 class LayoutModel:
     """Per-tissue counts and class position densities, per-pair minimum spacing (px)."""
 
@@ -82,7 +78,7 @@ class LayoutModel:
         nn_dist: dict[tuple[int, int], list[float]] = {}
         for pts, tissue in samples:
             pts = np.asarray(pts)
-            pts = points_of(pts) if pts.ndim == 2 and pts.shape[1] != 3 else pts.reshape(-1, 3)
+            pts = points_from_raster(pts) if pts.ndim == 2 and pts.shape[1] != 3 else pts.reshape(-1, 3)
             name = tissue_names[int(tissue)]
             counts[name].append(np.bincount(pts[:, 2], minlength=k)[1:k].tolist())
             cells = np.clip(pts[:, :2] * g // size, 0, g - 1)
@@ -177,15 +173,12 @@ class LayoutModel:
 
 def fit_layout(store: str | Path, out_json: str | Path, settings: NucleiLayoutSettings | None = None) -> Path:
     """Fit a ``LayoutModel`` on the train split of Part A's nuclei store; write it as JSON."""
-    import zarr
-
-    try:
-        g = zarr.open_group(str(store), mode="r")
-        rasters, tissue, split = g["points"], np.asarray(g["tissue"][:]), np.asarray(g["split"][:])
-        attrs = dict(g.attrs)
-    except Exception as err:
-        raise HistopipeError(f"{store}: not a nuclei store ({type(err).__name__}: {err})") from None
-    train = np.flatnonzero(split == 0)
-    samples = ((points_of(np.asarray(rasters[i])), int(tissue[i])) for i in train)
+    g = open_nuclei_store(store)
+    if "points" not in g:
+        raise HistopipeError(f"{store}: an image-only nuclei store has no point maps to fit a layout on")
+    rasters, tissue, split = g["points"], np.asarray(g["tissue"][:]), np.asarray(g["split"][:])
+    attrs = dict(g.attrs)
+    train = np.flatnonzero(split == SPLITS.index("train"))
+    samples = ((points_from_raster(np.asarray(rasters[i])), int(tissue[i])) for i in train)
     model = LayoutModel.fit(samples, attrs["class_names"], attrs["tissue_names"], int(attrs["patch_size"]), settings)
     return model.save(out_json)

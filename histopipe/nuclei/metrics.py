@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from histopipe.errors import HistopipeError
+from histopipe.nuclei.labels import instance_classes
 
 IOU_THRESHOLD = 0.5
 
@@ -123,22 +124,6 @@ def aji_terms(ov: Overlaps) -> tuple[int, int]:
     # Predicted nuclei that no true nucleus chose are pure false positive area.
     union_sum += int(ov.pred_area[~used].sum())
     return inter_sum, union_sum
-
-
-def classes_of(instances: np.ndarray, semantic: np.ndarray) -> dict[int, int]:
-    """Class of each nucleus: the most frequent non-zero semantic label inside it (0 when its
-    pixels are all background in ``semantic``). instances int (H, W), semantic int (H, W)."""
-    inst = np.asarray(instances).ravel()
-    sem = np.asarray(semantic).ravel().astype(np.int64)
-    fg = (inst > 0) & (sem > 0)
-    if not fg.any():
-        return {int(i): 0 for i in np.unique(inst[inst > 0])}
-    ids, idx = np.unique(inst[fg], return_inverse=True)
-    n_cls = int(sem[fg].max()) + 1
-    votes = np.bincount(idx * n_cls + sem[fg], minlength=len(ids) * n_cls).reshape(len(ids), n_cls)
-    out = {int(i): 0 for i in np.unique(inst[inst > 0])}
-    out.update({int(i): int(c) for i, c in zip(ids, votes.argmax(axis=1), strict=True)})
-    return out
 
 
 def _ratio(num: float, den: float) -> float:
@@ -259,5 +244,5 @@ def score_image(
 ) -> dict:
     """All scores of one image pair, with instance classes taken from semantic maps."""
     acc = NucleiScores(num_classes)
-    acc.update(true, classes_of(true, true_semantic), pred, classes_of(pred, pred_semantic))
+    acc.update(true, instance_classes(true, true_semantic), pred, instance_classes(pred, pred_semantic))
     return acc.result()

@@ -21,15 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from histopipe.diffusion.pipeline import latents_to_images, to_uint8
 from histopipe.errors import HistopipeError
+from histopipe.nuclei.instances import separate_instances
 from histopipe.nuclei.model import DenoiserOutput, JointDenoiser, structure_tensor
 from histopipe.nuclei.multinomial import MultinomialDiffusion, sample_categorical
-
-try:  # Part A's contract function; the fallback only stands in until the branches merge.
-    from histopipe.nuclei.instances import separate_instances
-except ImportError:  # pragma: no cover - depends on the merge state
-    from histopipe.nuclei._instances_fallback import (
-        fallback_separate_instances as separate_instances,
-    )
 
 
 @dataclass
@@ -43,12 +37,6 @@ class NucleiOutput(BaseOutput):
     distance: np.ndarray
     instances: np.ndarray
     points: np.ndarray
-
-
-def points_from_raster(raster: np.ndarray) -> np.ndarray:
-    """Centroid raster (S, S) → (N, 3) int rows (y, x, class)."""
-    ys, xs = np.nonzero(raster)
-    return np.stack([ys, xs, raster[ys, xs]], 1).astype(np.int64)
 
 
 def tissue_prompts(template: str, tissues: list[str], points: torch.Tensor, class_names: list[str]) -> list[str]:
@@ -242,7 +230,8 @@ class NucleiPipeline(DiffusionPipeline):
         instances = np.zeros(semantic.shape, np.int32)
         if instance_method is not None:
             for i in range(b):
-                markers = points_from_raster(raster[i]) if instance_method == "marker" else None
+                # separate_instances takes the centroid raster itself as the marker map.
+                markers = raster[i] if instance_method == "marker" else None
                 instances[i] = separate_instances(semantic[i], distance[i], markers, method=instance_method)[0]
         self.maybe_free_model_hooks()
         return NucleiOutput(images=to_uint8(images), semantic=semantic, distance=distance, instances=instances, points=raster)

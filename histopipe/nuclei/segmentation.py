@@ -28,7 +28,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler
 from histopipe.errors import ConfigError, HistopipeError
 from histopipe.evaluation.segmentation import IMAGENET_MEAN, IMAGENET_STD, load_encoder_weights
 from histopipe.nuclei.instances import separate_instances
-from histopipe.nuclei.metrics import NucleiScores, classes_of
+from histopipe.nuclei.labels import instance_classes
+from histopipe.nuclei.metrics import NucleiScores
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def evaluate_segmenter(
         for s, sem, dist in zip(samples, semantic, distance, strict=True):
             pred, pred_classes = separate_instances(sem, dist, points=None, method=settings.instance_method)
             true = np.asarray(s["instances"])
-            scores.update(true, classes_of(true, np.asarray(s["semantic"])), pred, pred_classes)
+            scores.update(true, instance_classes(true, np.asarray(s["semantic"])), pred, pred_classes)
     return scores.result(class_names)
 
 

@@ -8,9 +8,12 @@ Output folder ``out``:
   completes; a rerun with the same plan (``parts/plan.json``: model, settings, layouts and
   seeds) skips the parts present, so an interrupted job resumes where it stopped (item i
   always uses seed + i, so the result does not depend on where it was interrupted);
-- ``nuclei.zarr``: the triplets in Part A's store format (``NucleiStoreWriter``, split train);
+- ``nuclei.zarr``: the triplets in Part A's store format (``NucleiStoreWriter``, split train).
+  The writer derives distance and points from the separated instances, so the store's
+  ``points`` are the centroids of the nuclei made, not the layout they were asked for;
 - ``png/<name>_image.png``, ``_semantic.png`` (class ids), ``_instances.png`` (16-bit ids);
-- ``manifest.tsv``: one row per image (name, tissue, source, seed, nuclei per class), written last.
+- ``manifest.tsv``: one row per image, written last: name, tissue, source, seed, ``nuclei``
+  (instances made) and ``n_<class>`` (nuclei per class of the conditioning layout).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from PIL import Image
 
 from histopipe.atomic import atomic_path, atomic_write_text
 from histopipe.errors import HistopipeError
-from histopipe.nuclei.layout import LayoutModel, parse_counts, points_of
+from histopipe.nuclei.labels import instance_classes, point_raster, points_from_raster, semantic_map
+from histopipe.nuclei.layout import LayoutModel, fit_layout, parse_counts
 from histopipe.nuclei.pipeline import NucleiPipeline
+from histopipe.nuclei.readers import NucleiSample
 from histopipe.nuclei.settings import NucleiSynthesisSettings, layout_settings, synthesis_settings
+from histopipe.nuclei.store import SPLITS, NucleiStoreWriter, open_nuclei_store
 from histopipe.nuclei.training import load_nuclei_pipeline
 
 log = logging.getLogger(__name__)
@@ -38,34 +44,37 @@ STORE_NAME = "nuclei.zarr"
 MANIFEST = "manifest.tsv"
 
 
-def _raster(points: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size, size), np.uint8)
-    out[points[:, 0], points[:, 1]] = points[:, 2]
-    return out
-
-
-def _store_group(store: str | Path):
-    import zarr
-
-    try:
-        return zarr.open_group(str(store), mode="r")
-    except Exception as err:
-        raise HistopipeError(f"{store}: not a nuclei store ({type(err).__name__}: {err})") from None
+def _test_layouts(store: str | Path, pipe: NucleiPipeline, limit: int | None) -> list[tuple[str, np.ndarray, int, str]]:
+    """The point maps of the store's test split, with tissue ids mapped by name onto the model's."""
+    g = open_nuclei_store(store)
+    classes, tissues = list(g.attrs["class_names"]), list(g.attrs["tissue_names"])
+    if classes != list(pipe.config.class_names):
+        raise HistopipeError(f"{store}: classes {classes} differ from the model's {list(pipe.config.class_names)}")
+    if "points" not in g:
+        raise HistopipeError(f"{store}: an image-only nuclei store has no test point maps")
+    size = pipe.image_size
+    if int(g.attrs["patch_size"]) != size:
+        raise HistopipeError(f"{store}: {g.attrs['patch_size']} px patches; the model makes {size}×{size} px")
+    model_tissues = list(pipe.config.tissue_names)
+    split, tissue_ids = np.asarray(g["split"][:]), np.asarray(g["tissue"][:])
+    layouts = []
+    for i in np.flatnonzero(split == SPLITS.index("test"))[:limit]:
+        name = tissues[int(tissue_ids[i])]
+        if name not in model_tissues:
+            raise HistopipeError(f"{store}: test patch {i} is of tissue {name!r}, unknown to the model ({model_tissues})")
+        layouts.append((f"test{i:06d}", np.asarray(g["points"][i]).astype(np.uint8), model_tissues.index(name), "test"))
+    return layouts
 
 
 def plan_layouts(
     s: NucleiSynthesisSettings, store: str | Path, pipe: NucleiPipeline, layout: LayoutModel | None,
     counts: str | dict | None, tissue: str | None,
 ) -> list[dict]:
-    """Work items {name, points (S, S) uint8 raster, tissue id, seed, source}, in a fixed order."""
+    """Work items {name, points (S, S) uint8 raster, tissue id (the model's), seed, source}, in a fixed order."""
     size = pipe.image_size
     tissues = list(pipe.config.tissue_names)
-    layouts: list[tuple[str, np.ndarray, int, str]] = []
     if s.source == "test" and counts is None and tissue is None:
-        g = _store_group(store)
-        split, tissue_ids = np.asarray(g["split"][:]), np.asarray(g["tissue"][:])
-        for i in np.flatnonzero(split == 1)[: s.limit]:
-            layouts.append((f"test{i:06d}", np.asarray(g["points"][i]).astype(np.uint8), int(tissue_ids[i]), "test"))
+        layouts = _test_layouts(store, pipe, s.limit)
     else:
         if layout is None:
             raise HistopipeError("synthesis from counts needs a layout model")
@@ -74,11 +83,11 @@ def plan_layouts(
         for name in names:
             if name not in tissues:
                 raise HistopipeError(f"unknown tissue {name!r}; the model knows {tissues}")
-        n = min(s.num_images, s.limit or s.num_images)
-        for i in range(n):
+        layouts = []
+        for i in range(min(s.num_images, s.limit or s.num_images)):
             name = names[i % len(names)]
             pts = layout.sample(name, wanted, size, np.random.default_rng(s.seed + i))
-            layouts.append((f"counts{i:06d}", _raster(pts, size), tissues.index(name), "counts"))
+            layouts.append((f"counts{i:06d}", point_raster(pts, (size, size)), tissues.index(name), "counts"))
     items = []
     for name, raster, t, source in layouts:
         for j in range(s.num_per_layout):
@@ -123,8 +132,6 @@ def synthesize_nuclei(
         if isinstance(layout, (str, Path)):
             layout = LayoutModel.load(layout)
         elif layout is None:
-            from histopipe.nuclei.layout import fit_layout
-
             layout = LayoutModel.load(fit_layout(store, out / "layout.json", layout_settings(cfg)))
     items = plan_layouts(s, store, pipe, layout, counts, tissue)
     if not items:
@@ -161,25 +168,26 @@ def _check_plan(parts: Path, model_dir: str | Path, s: NucleiSynthesisSettings, 
 
 def _assemble(pipe: NucleiPipeline, items: list[dict], part_files: list[Path], s: NucleiSynthesisSettings, out: Path) -> None:
     """Store, PNGs and manifest from the finished parts (the manifest last: it marks completion)."""
-    from histopipe.nuclei.readers import NucleiSample
-    from histopipe.nuclei.store import NucleiStoreWriter
-
     class_names, tissue_names = list(pipe.config.class_names), list(pipe.config.tissue_names)
-    writer = NucleiStoreWriter(out / STORE_NAME, pipe.image_size, class_names, tissue_names)
     header = ["name", "tissue", "source", "seed", "nuclei", *[f"n_{c}" for c in class_names[1:]]]
     rows = ["\t".join(header)]
     it = iter(items)
-    for path in part_files:
-        with np.load(path) as part:
-            arrays = {k: part[k] for k in part.files}
-        for i in range(len(arrays["images"])):
-            item = next(it)
-            name, tname = item["name"], tissue_names[item["tissue"]]
-            image, semantic, instances = arrays["images"][i], arrays["semantic"][i], arrays["instances"][i]
-            writer.add(NucleiSample(name=name, image=image, instances=instances, semantic=semantic, tissue=tname), "train")
-            if s.write_png:
-                _write_png(out / "png", name, image, semantic, instances)
-            per_class = np.bincount(points_of(arrays["points"][i])[:, 2], minlength=len(class_names))[1:]
-            rows.append("\t".join(map(str, [name, tname, item["source"], item["seed"], int(instances.max()), *per_class.tolist()])))
-    writer.close()
+    with NucleiStoreWriter(out / STORE_NAME, pipe.image_size, class_names, tissue_names) as writer:
+        for path in part_files:
+            with np.load(path) as part:
+                arrays = {k: part[k] for k in part.files}
+            for i in range(len(arrays["images"])):
+                item = next(it)
+                name, tname = item["name"], tissue_names[item["tissue"]]
+                image, instances = arrays["images"][i], arrays["instances"][i]
+                # As in the real stores (readers.py), each nucleus gets its majority class and
+                # foreground no instance holds (blobs under separate_instances' min_size) is
+                # background, so semantic, instances, distance and points agree.
+                semantic = semantic_map(instances, instance_classes(instances, arrays["semantic"][i]))
+                writer.add(NucleiSample(name=name, image=image, instances=instances, semantic=semantic, tissue=tname), "train")
+                if s.write_png:
+                    _write_png(out / "png", name, image, semantic, instances)
+                # n_<class>: the layout's nuclei (what was asked for); nuclei: the instances made.
+                per_class = np.bincount(points_from_raster(arrays["points"][i])[:, 2], minlength=len(class_names))[1:]
+                rows.append("\t".join(map(str, [name, tname, item["source"], item["seed"], int(instances.max()), *per_class.tolist()])))
     atomic_write_text(out / MANIFEST, "\n".join(rows) + "\n")

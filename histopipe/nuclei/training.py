@@ -18,6 +18,7 @@ from histopipe.diffusion.models import load_vae
 from histopipe.diffusion.tasks import reference_batch
 from histopipe.diffusion.training import MODEL_DIR, train
 from histopipe.errors import ConfigError, WeightsError
+from histopipe.nuclei.dataset import NucleiDataset
 from histopipe.nuclei.model import JointDenoiser
 from histopipe.nuclei.pipeline import NucleiPipeline
 from histopipe.nuclei.settings import (
@@ -73,33 +74,23 @@ def train_nuclei_dataset(
     return train(task, dataset, s, out_dir).model_dir
 
 
-def _store_attrs(store: Path) -> dict:
-    import zarr
-
-    try:
-        return dict(zarr.open_group(str(store), mode="r").attrs)
-    except Exception as err:
-        raise ConfigError(f"{store}: not a nuclei store ({type(err).__name__}: {err})") from None
-
-
 def train_nuclei(cfg: dict, store: str | Path, out_dir: str | Path, vae: str | Path | None = None) -> Path:
     """Train the configured nuclei model on the train split of Part A's store ``store``.
 
     ``vae``: the workflow's trained VAE folder, used in latent space when
     ``nuclei.model.vae_pretrained`` is null. Returns the pipeline folder ``out_dir/model``.
     """
-    from histopipe.nuclei.store import NucleiDataset
-
     m, s = model_settings(cfg), train_settings(cfg)
-    attrs = _store_attrs(Path(store))
+    dataset = NucleiDataset(store, split="train")
+    if not dataset.labels or len(dataset) == 0:
+        raise ConfigError(f"{store}: no labelled train patches to train the nuclei model on")
     vae_model = None
     if m.space == "latent":
         path = m.vae_pretrained or vae
         if path is None:
             raise ConfigError("config.nuclei.model.space is latent: set nuclei.model.vae_pretrained or train the workflow's VAE")
         vae_model = load_vae(path)
-    dataset = NucleiDataset(store, split="train")
-    return train_nuclei_dataset(dataset, m, s, list(attrs["class_names"]), list(attrs["tissue_names"]), out_dir, vae_model)
+    return train_nuclei_dataset(dataset, m, s, list(dataset.class_names), list(dataset.tissue_names), out_dir, vae_model)
 
 
 def load_nuclei_pipeline(model_dir: str | Path, device: str | torch.device | None = None) -> NucleiPipeline:
