@@ -162,7 +162,8 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
 
     sheet = _copy_cohort(demo_cohort, tmp_path / "cohort", ["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
     results = tmp_path / "results"
-    cfg = ("--config", f"sheet={sheet}", f"results={results}")
+    # Four slides fill one batch: a fifth slide starts the next one.
+    cfg = ("--config", f"sheet={sheet}", f"results={results}", "slides_per_batch=4")
     r = snakemake(tmp_path, "--cores", "2", *cfg, extra_configs=(FAST,), timeout=3000)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -218,9 +219,12 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
         fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
     reuse = tmp_path / "reuse.yaml"
     reuse.write_text(f"clustering:\n  model: {model}\n")
-    r = snakemake(tmp_path, "-n", "--quiet", "rules", *cfg, extra_configs=(FAST, reuse))
-    counts = _job_counts(r.stdout + r.stderr)
+    r = snakemake(tmp_path, "-n", *cfg, extra_configs=(FAST, reuse))
+    out = r.stdout + r.stderr
+    counts = _job_counts(out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts.get("tile_slide") == 1 and counts.get("embed_tiles") == 1 and counts.get("map_tissue_types") == 1
     assert counts.get("extract_patches") == 1
     assert "fit_kmeans" not in counts and "sample_embeddings" not in counts
+    # Its maps and patches are the new batch's job; the full batch of earlier slides stays.
+    assert "batch=00001" in out and "batch=00000" not in out, out[-4000:]
