@@ -95,3 +95,10 @@ def test_nuclei_sheet_errors_stop_the_workflow_at_parse_time(tmp_path, demo_coho
     cfg = ("--config", f"sheet={sheet}", f"results={tmp_path / 'results'}", f"nuclei={json.dumps({'sheet': str(nuclei)})}")
     r = snakemake(tmp_path, "nuclei", "-n", *cfg, extra_configs=CONFIGS)
     assert r.returncode != 0 and "lizard" in r.stdout + r.stderr
+
+
+def test_lint_is_clean_with_the_nuclei_branch(tmp_path, demo_cohort):
+    sheet, nuclei = _sheets(tmp_path, demo_cohort)
+    cfg = ("--config", f"sheet={sheet}", f"nuclei={json.dumps({'sheet': str(nuclei)})}")
+    r = snakemake(tmp_path, "--lint", *cfg, extra_configs=CONFIGS)
+    assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr

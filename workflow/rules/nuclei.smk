@@ -59,7 +59,7 @@ if config["nuclei"]["enabled"]:
             model=directory(paths.NUCLEI_MODEL.format(results=R, mode=NUCLEI_MODE)),
         params:
             cfg=nuclei_config,
-            work=paths.NUCLEI_WORK.format(results=R, mode=NUCLEI_MODE),
+            work=lambda wildcards, output: str(Path(output.model).parent),
             vae=lambda wildcards, input: f"--vae {input.vae}" if "vae" in input.keys() else "",
         log:
             paths.LOG.format(results=R, rule="train_nuclei", name=NUCLEI_MODE),
@@ -107,7 +107,7 @@ if config["nuclei"]["enabled"]:
             manifest=paths.NUCLEI_SYNTHETIC_MANIFEST.format(results=R, mode=NUCLEI_MODE),
         params:
             cfg=nuclei_config,
-            out=paths.NUCLEI_SYNTHETIC.format(results=R, mode=NUCLEI_MODE),
+            out=lambda wildcards, output: str(Path(output.store).parent),
         log:
             paths.LOG.format(results=R, rule="synthesize_nuclei", name=NUCLEI_MODE),
         threads: 2
