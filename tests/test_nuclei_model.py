@@ -490,3 +490,22 @@ def test_fit_layout_reads_the_store(tmp_path):
     assert model.tissue_names == TISSUE_NAMES and model.size == SIZE
     assert sum(len(v) for v in model.counts.values()) == 3  # the train split only
     assert dataclasses.asdict(model.settings) == dataclasses.asdict(S.NucleiLayoutSettings())
+
+
+def test_default_model_runs_at_the_papers_256_px():
+    """The shipped configuration (256 px pixel space, 64-128-256-256 channels) builds and
+    gives one prediction per input of the right shape."""
+    from histopipe.nuclei.tasks import build_denoiser
+
+    m = S.model_settings(load_config(None))
+    assert m.image_size == 256 and m.space == "pixel"
+    torch.manual_seed(0)
+    model = build_denoiser(m, "joint", num_classes=7, num_tissues=2).eval()
+    sample = torch.randn(1, model.gaussian_channels, 256, 256)
+    labels = torch.randint(0, 7, (1, 256, 256))
+    points = torch.zeros(1, 256, 256, dtype=torch.long)
+    points[0, 100, 50] = 3
+    with torch.no_grad():
+        out = model(sample, torch.tensor([500]), labels=labels, points=points, tissue=torch.tensor([1]))
+    assert out.gaussian.shape == (1, 4, 256, 256) and out.logits.shape == (1, 7, 256, 256)
+    assert torch.isfinite(out.gaussian).all() and torch.isfinite(out.logits).all()
