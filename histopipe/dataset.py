@@ -106,21 +106,43 @@ def _pad_counts(counts: list[np.ndarray]) -> np.ndarray:
 # --- writing -------------------------------------------------------------------------------
 
 
+# Patches per block of the small per-patch arrays: the writer holds one block of them.
+WRITE_BLOCK = 4096
+
+
 class PatchStoreWriter:
     """Writes ``n`` patches into an open zarr group, pixels one patch at a time; the small
-    per-patch arrays are kept (a few bytes per patch) and written by :meth:`finish`."""
+    per-patch arrays (crops, coords, slide id, split: a few bytes per patch) are created
+    up front and written a block of ``block`` patches at a time (default
+    :data:`WRITE_BLOCK`), so the writer holds one block of them whatever ``n`` is.
+    :meth:`finish` writes the last, partial block, the level LUTs and the attributes."""
 
-    def __init__(self, root: zarr.Group, n: int, size: int, max_crops: int):
+    def __init__(self, root: zarr.Group, n: int, size: int, max_crops: int, block: int | None = None):
         self.root, self.n, self.size, self.max_crops = root, n, size, max_crops
+        self.block = max(1, int(block or WRITE_BLOCK))
+        c = max_crops
+        rows = max(1, min(n, 65536))  # chunk rows of the small arrays (as when they were written whole)
         self.images = root.create_array("images", shape=(n, size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
         self.maps = root.create_array("maps", shape=(n, size, size), dtype="uint16", chunks=(1, size, size))
-        self.crop_boxes = np.zeros((n, max_crops, 3), dtype=np.int32)
-        self.crop_labels = np.zeros((n, max_crops), dtype=np.uint16)
-        self.crop_valid = np.zeros((n, max_crops), dtype=bool)
-        self.coords = np.zeros((n, 2), dtype=np.int64)
-        self.slide_id = np.empty(n, dtype=object)
-        self.split = np.full(n, UNASSIGNED, dtype=np.uint8)
-        self.i = 0
+        self.arrays = {
+            "crop_boxes": root.create_array("crop_boxes", shape=(n, c, 3), dtype="int32", chunks=(rows, c, 3)),
+            "crop_labels": root.create_array("crop_labels", shape=(n, c), dtype="uint16", chunks=(rows, c)),
+            "crop_valid": root.create_array("crop_valid", shape=(n, c), dtype="bool", chunks=(rows, c)),
+            "coords": root.create_array("coords", shape=(n, 2), dtype="int64", chunks=(rows, 2)),
+            "split": root.create_array("split", shape=(n,), dtype="uint8", chunks=(rows,)),
+            "slide_id": root.create_array("slide_id", shape=(n,), dtype=str, chunks=(rows,)),
+        }
+        b = min(self.block, max(n, 1))
+        self.buf = {
+            "crop_boxes": np.zeros((b, c, 3), dtype=np.int32),
+            "crop_labels": np.zeros((b, c), dtype=np.uint16),
+            "crop_valid": np.zeros((b, c), dtype=bool),
+            "coords": np.zeros((b, 2), dtype=np.int64),
+            "split": np.full(b, UNASSIGNED, dtype=np.uint8),
+            "slide_id": np.empty(b, dtype=object),
+        }
+        self.i = 0  # patches added
+        self.start = 0  # first patch of the block in the buffers
 
     def add(self, image: np.ndarray, labels: np.ndarray, crop_boxes: np.ndarray, crop_labels: np.ndarray,
             crop_valid: np.ndarray, coords: Sequence[int], slide_id: str, split: int) -> None:
@@ -129,28 +151,33 @@ class PatchStoreWriter:
             raise HistopipeError(f"{self.root.store}: more patches than planned ({self.n})")
         self.images[i] = image
         self.maps[i] = labels
-        self.crop_boxes[i], self.crop_labels[i], self.crop_valid[i] = crop_boxes, crop_labels, crop_valid
-        self.coords[i] = coords
-        self.slide_id[i] = slide_id
-        self.split[i] = split
+        j, buf = i - self.start, self.buf
+        buf["crop_boxes"][j], buf["crop_labels"][j], buf["crop_valid"][j] = crop_boxes, crop_labels, crop_valid
+        buf["coords"][j] = coords
+        buf["slide_id"][j] = slide_id
+        buf["split"][j] = split
         self.i += 1
+        if self.i - self.start == len(buf["split"]):
+            self._flush()
 
     def add_patch(self, p: Patch, slide_id: str, split: int) -> None:
         self.add(p.image, p.labels, p.crop_boxes, p.crop_labels, p.crop_valid, p.coords, slide_id, split)
 
+    def _flush(self) -> None:
+        """Write the patches added since the last flush (one block, or the last partial one)."""
+        m = self.i - self.start
+        if m:
+            sl = slice(self.start, self.i)
+            for name, array in self.arrays.items():
+                block = self.buf[name][:m]
+                array[sl] = block.astype(str) if name == "slide_id" else block
+            self.start = self.i
+
     def finish(self, level_luts: np.ndarray, attrs: dict[str, Any]) -> None:
         if self.i != self.n:
             raise HistopipeError(f"{self.root.store}: wrote {self.i} patches, planned {self.n}")
-        n, c = self.n, self.max_crops
-        rows = max(1, min(n, 65536))
-        self.root.create_array("crop_boxes", data=self.crop_boxes, chunks=(rows, c, 3))
-        self.root.create_array("crop_labels", data=self.crop_labels, chunks=(rows, c))
-        self.root.create_array("crop_valid", data=self.crop_valid, chunks=(rows, c))
-        self.root.create_array("coords", data=self.coords, chunks=(rows, 2))
-        self.root.create_array("split", data=self.split, chunks=(rows,))
-        sid = self.root.create_array("slide_id", shape=(n,), dtype=str, chunks=(rows,))
-        if n:
-            sid[:] = self.slide_id.astype(str)
+        self._flush()
+        self.buf = {}
         self.root.create_array("level_luts", data=np.asarray(level_luts, dtype=np.int32))
         self.root.attrs.update(jsonable(attrs))
 
