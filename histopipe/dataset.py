@@ -6,10 +6,11 @@ Layout (zarr v3): ``images`` uint8 (N, S, S, 3) chunk (1, S, S, 3); ``maps`` uin
 = (y0, x0, side); ``crop_labels`` uint16 (N, C); ``crop_valid`` bool (N, C); ``slide_id``
 str (N,); ``coords`` int64 (N, 2) level-0; ``split`` uint8 (N,) 0 train / 1 val / 2 test.
 
-Stores are written patch by patch (only one patch's pixels in memory) into a temporary
-folder that is renamed onto the target at the end, so a failed run leaves no store. The
-per-slide stores of ``extract_slide`` have the same layout with ``split`` = 255
-(unassigned) and a ``lut_counts`` array; ``merge_stores`` assigns the splits.
+Stores are written patch by patch (only one patch's pixels in memory, and one block of
+the small per-patch arrays) into a temporary folder that is renamed onto the target at the
+end, so a failed run leaves no store. The per-slide stores of ``extract_slide`` have the
+same layout with ``split`` = 255 (unassigned) and a ``lut_counts`` array; ``merge_stores``
+assigns the splits, reading one per-slide store at a time.
 """
 
 from __future__ import annotations
