@@ -6,15 +6,17 @@ Layout (zarr v3): ``images`` uint8 (N, S, S, 3) chunk (1, S, S, 3); ``maps`` uin
 = (y0, x0, side); ``crop_labels`` uint16 (N, C); ``crop_valid`` bool (N, C); ``slide_id``
 str (N,); ``coords`` int64 (N, 2) level-0; ``split`` uint8 (N,) 0 train / 1 val / 2 test.
 
-Stores are written patch by patch (only one patch's pixels in memory) into a temporary
-folder that is renamed onto the target at the end, so a failed run leaves no store. The
-per-slide stores of ``extract_slide`` have the same layout with ``split`` = 255
-(unassigned) and a ``lut_counts`` array; ``merge_stores`` assigns the splits.
+Stores are written patch by patch (only one patch's pixels in memory, and one block of
+the small per-patch arrays) into a temporary folder that is renamed onto the target at the
+end, so a failed run leaves no store. The per-slide stores of ``extract_slide`` have the
+same layout with ``split`` = 255 (unassigned) and a ``lut_counts`` array; ``merge_stores``
+assigns the splits, reading one per-slide store at a time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,21 +108,43 @@ def _pad_counts(counts: list[np.ndarray]) -> np.ndarray:
 # --- writing -------------------------------------------------------------------------------
 
 
+# Patches per block of the small per-patch arrays: the writer holds one block of them.
+WRITE_BLOCK = 4096
+
+
 class PatchStoreWriter:
     """Writes ``n`` patches into an open zarr group, pixels one patch at a time; the small
-    per-patch arrays are kept (a few bytes per patch) and written by :meth:`finish`."""
+    per-patch arrays (crops, coords, slide id, split: a few bytes per patch) are created
+    up front and written a block of ``block`` patches at a time (default
+    :data:`WRITE_BLOCK`), so the writer holds one block of them whatever ``n`` is.
+    :meth:`finish` writes the last, partial block, the level LUTs and the attributes."""
 
-    def __init__(self, root: zarr.Group, n: int, size: int, max_crops: int):
+    def __init__(self, root: zarr.Group, n: int, size: int, max_crops: int, block: int | None = None):
         self.root, self.n, self.size, self.max_crops = root, n, size, max_crops
+        self.block = max(1, int(block or WRITE_BLOCK))
+        c = max_crops
+        rows = max(1, min(n, 65536))  # chunk rows of the small arrays (as when they were written whole)
         self.images = root.create_array("images", shape=(n, size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
         self.maps = root.create_array("maps", shape=(n, size, size), dtype="uint16", chunks=(1, size, size))
-        self.crop_boxes = np.zeros((n, max_crops, 3), dtype=np.int32)
-        self.crop_labels = np.zeros((n, max_crops), dtype=np.uint16)
-        self.crop_valid = np.zeros((n, max_crops), dtype=bool)
-        self.coords = np.zeros((n, 2), dtype=np.int64)
-        self.slide_id = np.empty(n, dtype=object)
-        self.split = np.full(n, UNASSIGNED, dtype=np.uint8)
-        self.i = 0
+        self.arrays = {
+            "crop_boxes": root.create_array("crop_boxes", shape=(n, c, 3), dtype="int32", chunks=(rows, c, 3)),
+            "crop_labels": root.create_array("crop_labels", shape=(n, c), dtype="uint16", chunks=(rows, c)),
+            "crop_valid": root.create_array("crop_valid", shape=(n, c), dtype="bool", chunks=(rows, c)),
+            "coords": root.create_array("coords", shape=(n, 2), dtype="int64", chunks=(rows, 2)),
+            "split": root.create_array("split", shape=(n,), dtype="uint8", chunks=(rows,)),
+            "slide_id": root.create_array("slide_id", shape=(n,), dtype=str, chunks=(rows,)),
+        }
+        b = min(self.block, max(n, 1))
+        self.buf = {
+            "crop_boxes": np.zeros((b, c, 3), dtype=np.int32),
+            "crop_labels": np.zeros((b, c), dtype=np.uint16),
+            "crop_valid": np.zeros((b, c), dtype=bool),
+            "coords": np.zeros((b, 2), dtype=np.int64),
+            "split": np.full(b, UNASSIGNED, dtype=np.uint8),
+            "slide_id": np.empty(b, dtype=object),
+        }
+        self.i = 0  # patches added
+        self.start = 0  # first patch of the block in the buffers
 
     def add(self, image: np.ndarray, labels: np.ndarray, crop_boxes: np.ndarray, crop_labels: np.ndarray,
             crop_valid: np.ndarray, coords: Sequence[int], slide_id: str, split: int) -> None:
@@ -129,28 +153,33 @@ class PatchStoreWriter:
             raise HistopipeError(f"{self.root.store}: more patches than planned ({self.n})")
         self.images[i] = image
         self.maps[i] = labels
-        self.crop_boxes[i], self.crop_labels[i], self.crop_valid[i] = crop_boxes, crop_labels, crop_valid
-        self.coords[i] = coords
-        self.slide_id[i] = slide_id
-        self.split[i] = split
+        j, buf = i - self.start, self.buf
+        buf["crop_boxes"][j], buf["crop_labels"][j], buf["crop_valid"][j] = crop_boxes, crop_labels, crop_valid
+        buf["coords"][j] = coords
+        buf["slide_id"][j] = slide_id
+        buf["split"][j] = split
         self.i += 1
+        if self.i - self.start == len(buf["split"]):
+            self._flush()
 
     def add_patch(self, p: Patch, slide_id: str, split: int) -> None:
         self.add(p.image, p.labels, p.crop_boxes, p.crop_labels, p.crop_valid, p.coords, slide_id, split)
 
+    def _flush(self) -> None:
+        """Write the patches added since the last flush (one block, or the last partial one)."""
+        m = self.i - self.start
+        if m:
+            sl = slice(self.start, self.i)
+            for name, array in self.arrays.items():
+                block = self.buf[name][:m]
+                array[sl] = block.astype(str) if name == "slide_id" else block
+            self.start = self.i
+
     def finish(self, level_luts: np.ndarray, attrs: dict[str, Any]) -> None:
         if self.i != self.n:
             raise HistopipeError(f"{self.root.store}: wrote {self.i} patches, planned {self.n}")
-        n, c = self.n, self.max_crops
-        rows = max(1, min(n, 65536))
-        self.root.create_array("crop_boxes", data=self.crop_boxes, chunks=(rows, c, 3))
-        self.root.create_array("crop_labels", data=self.crop_labels, chunks=(rows, c))
-        self.root.create_array("crop_valid", data=self.crop_valid, chunks=(rows, c))
-        self.root.create_array("coords", data=self.coords, chunks=(rows, 2))
-        self.root.create_array("split", data=self.split, chunks=(rows,))
-        sid = self.root.create_array("slide_id", shape=(n,), dtype=str, chunks=(rows,))
-        if n:
-            sid[:] = self.slide_id.astype(str)
+        self._flush()
+        self.buf = {}
         self.root.create_array("level_luts", data=np.asarray(level_luts, dtype=np.int32))
         self.root.attrs.update(jsonable(attrs))
 
@@ -284,63 +313,153 @@ def _patch_settings(attrs: dict) -> dict:
     return {k: v for k, v in attrs.get("config", {}).items() if k not in ("split", "crop_bank")}
 
 
+@dataclass(slots=True)
+class _SlideStore:
+    """What the merge keeps of one per-slide store between its two passes (not the store)."""
+
+    slide_id: str
+    path: str | Path
+    failed: bool
+    reason: str = ""
+    n: int = 0
+    counts: dict | None = None
+    shared: int = 0  # index of its shared attributes among the distinct ones seen
+    settings: int = 0  # index of its patch settings among the distinct ones seen
+
+
+def _index_of(value: Any, seen: list) -> int:
+    """Index of ``value`` in ``seen`` (compared with ==), appended when new: stores of one
+    dataset share one value, so ``seen`` stays short whatever the number of stores."""
+    for i, v in enumerate(seen):
+        if v == value:
+            return i
+    seen.append(value)
+    return len(seen) - 1
+
+
+class _LutReducer:
+    """The cohort's level LUTs from the per-slide stores, reduced one store at a time:
+    whether every store has the same LUTs from its map, and the summed co-occurrence counts
+    (padded to the widest) for when they do not."""
+
+    def __init__(self) -> None:
+        self.first: np.ndarray | None = None
+        self.shared = True
+        self.counts: np.ndarray | None = None
+        self.mismatch = ""  # a store whose counts do not add up with the others' (an error if they are needed)
+
+    def add(self, level_luts: np.ndarray, map_luts: bool, counts: np.ndarray, name: str | Path) -> None:
+        if self.first is None:
+            self.first = level_luts
+        self.shared = self.shared and bool(map_luts) and np.array_equal(level_luts, self.first)
+        if self.counts is None:
+            self.counts = counts.astype(np.int64, copy=True)
+            return
+        if counts.shape[:2] != self.counts.shape[:2]:
+            self.mismatch = self.mismatch or (f"{name}: lut_counts of shape {counts.shape} do not match the other "
+                                              f"stores' {self.counts.shape[:2]} (levels, labels)")
+            return
+        k = max(counts.shape[2], self.counts.shape[2])
+        if self.counts.shape[2] < k:
+            self.counts = np.pad(self.counts, ((0, 0), (0, 0), (0, k - self.counts.shape[2])))
+        self.counts[:, :, : counts.shape[2]] += counts
+
+    def luts(self) -> np.ndarray:
+        if self.shared and self.first is not None:
+            return self.first
+        if self.mismatch:
+            raise HistopipeError(self.mismatch)
+        return luts_from_counts(self.counts)
+
+
+def _open_slide_store(path: str | Path) -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as err:
+        raise HistopipeError(f"{path}: not a per-slide patch store (histopipe extract-patches): {err}") from None
+
+
 def merge_stores(inputs: Sequence[str | Path], out: str | Path, cfg: PatchConfig) -> dict[str, Any]:
     """Merge per-slide stores into one dataset store, splitting by slide with ``cfg.split``
-    and ``cfg.seed``: the same store :func:`build_dataset` writes from the same slides."""
+    and ``cfg.seed``: the same store :func:`build_dataset` writes from the same slides.
+
+    Two passes, each opening one per-slide store at a time, so memory does not grow with
+    the number of stores beyond a few small values per slide (its id, size, counts): the
+    first reads each store's attributes, size and level LUTs (checked against the first
+    store's and reduced as it goes), the second copies the patches in slide-id order.
+    """
     if not inputs:
         raise ConfigError("merge-patches: no per-slide stores given")
-    stores = []
+    slides: list[_SlideStore] = []
+    shared_seen: list[dict] = []
+    settings_seen: list[dict] = []
+    first: tuple[str, dict] | None = None  # the good store with the smallest slide id: its attributes
+    reducer = _LutReducer()
     for p in inputs:
         try:
             r = zarr.open_group(str(p), mode="r")
             a = dict(r.attrs)
-            _ = r["images"], r["lut_counts"], a["slide_id"]
+            images, lut_counts_array, sid = r["images"], r["lut_counts"], str(a["slide_id"])
         except Exception as err:
             raise HistopipeError(f"{p}: not a per-slide patch store (histopipe extract-patches): {err}") from None
-        stores.append((str(a["slide_id"]), p, r, a))
-    ids = [s[0] for s in stores]
-    dupes = sorted({s for s in ids if ids.count(s) > 1})
+        if a.get("status") == "failed":
+            slides.append(_SlideStore(sid, p, True, reason=a.get("reason", "")))
+            continue
+        slides.append(_SlideStore(sid, p, False, n=int(images.shape[0]), counts=a.get("counts", {}),
+                                  shared=_index_of({k: a.get(k) for k in _SHARED_ATTRS}, shared_seen),
+                                  settings=_index_of(_patch_settings(a), settings_seen)))
+        reducer.add(np.asarray(r["level_luts"][:]), a.get("map_luts"), np.asarray(lut_counts_array[:]), p)
+        if first is None or sid < first[0]:
+            first = (sid, a)
+        del r, a, images, lut_counts_array
+    ids = [s.slide_id for s in slides]
+    dupes = sorted(s for s, k in Counter(ids).items() if k > 1)
     if dupes:
         raise ConfigError(f"merge-patches: slide(s) {dupes} given more than once")
-    stores.sort(key=lambda s: s[0])
-    failed = [s for s in stores if s[3].get("status") == "failed"]
-    good = [s for s in stores if s[3].get("status") != "failed"]
-    if not good:
+    slides.sort(key=lambda s: s.slide_id)
+    failed = [s for s in slides if s.failed]
+    good = [s for s in slides if not s.failed]
+    if not good or first is None:
         raise HistopipeError(f"merge-patches: every slide failed ({', '.join(ids)})")
-    attrs = [s[3] for s in good]
-    names = [s[1] for s in good]
-    _check_compatible(attrs, names)
-    for a, name in zip(attrs[1:], names[1:], strict=True):
-        if _patch_settings(a) != _patch_settings(attrs[0]):
-            raise HistopipeError(f"{name}: extracted with other patch settings than {names[0]}")
-    sizes = [int(s[2]["images"].shape[0]) for s in good]
-    splits = assign_splits([s[0] for s, n in zip(good, sizes, strict=True) if n], cfg.split.fractions(), cfg.seed)
-    luts = [np.asarray(s[2]["level_luts"][:]) for s in good]
-    if all(a.get("map_luts") for a in attrs) and all(np.array_equal(x, luts[0]) for x in luts):
-        level_luts = luts[0]
-    else:
-        level_luts = luts_from_counts(_pad_counts([np.asarray(s[2]["lut_counts"][:]) for s in good]))
-    first = attrs[0]
-    size, c = int(first["patch_size"]), int(first["max_crops"])
+    ref = good[0]
+    for s in good[1:]:
+        if s.shared != ref.shared:
+            a, b = shared_seen[s.shared], shared_seen[ref.shared]
+            key = next(k for k in _SHARED_ATTRS if a.get(k) != b.get(k))
+            raise HistopipeError(f"{s.path}: {key} {a.get(key)!r} differs from {ref.path} ({b.get(key)!r}); "
+                                 "one dataset needs maps of one clustering and one patch setting")
+    for s in good[1:]:
+        if s.settings != ref.settings:
+            raise HistopipeError(f"{s.path}: extracted with other patch settings than {ref.path}")
+    n_total = sum(s.n for s in good)
+    splits = assign_splits([s.slide_id for s in good if s.n], cfg.split.fractions(), cfg.seed)
+    level_luts = reducer.luts()
+    first_attrs = first[1]
+    size, c = int(first_attrs["patch_size"]), int(first_attrs["max_crops"])
     keep = (*_SHARED_ATTRS, "read_patch_size", "read_mpp", "config", "histopipe_version")
-    out_attrs = {k: v for k, v in first.items() if k in keep}
-    out_attrs["config"] = {**first["config"], "split": cfg.to_dict()["split"]}
+    out_attrs = {k: v for k, v in first_attrs.items() if k in keep}
+    out_attrs["config"] = {**first_attrs["config"], "split": cfg.to_dict()["split"]}
     out_attrs["split_seed"] = cfg.seed
-    out_attrs.update(splits=splits, empty_slides=sorted(s[0] for s, n in zip(good, sizes, strict=True) if not n),
-                     failed_slides={s[0]: s[3].get("reason", "") for s in failed},
-                     n_patches=sum(sizes), per_slide={s[0]: s[3].get("counts", {}) for s in good})
+    out_attrs.update(splits=splits, empty_slides=[s.slide_id for s in good if not s.n],
+                     failed_slides={s.slide_id: s.reason for s in failed},
+                     n_patches=n_total, per_slide={s.slide_id: s.counts for s in good})
     with atomic_path(out) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        writer = PatchStoreWriter(root, sum(sizes), size, c)
-        for (sid, _, r, _), n in zip(good, sizes, strict=True):
-            if not n:
+        writer = PatchStoreWriter(root, n_total, size, c)
+        for s in good:
+            if not s.n:
                 continue
-            split = SPLITS.index(splits[sid])
+            split = SPLITS.index(splits[s.slide_id])
+            r = _open_slide_store(s.path)
+            images, maps = r["images"], r["maps"]
+            if int(images.shape[0]) != s.n:
+                raise HistopipeError(f"{s.path}: holds {images.shape[0]} patches, {s.n} when the merge began")
             boxes, labels, valid, coords = (np.asarray(r[k][:]) for k in ("crop_boxes", "crop_labels", "crop_valid", "coords"))
-            for i in range(n):
-                writer.add(r["images"][i], r["maps"][i], boxes[i], labels[i], valid[i], coords[i], sid, split)
+            for i in range(s.n):
+                writer.add(images[i], maps[i], boxes[i], labels[i], valid[i], coords[i], s.slide_id, split)
+            del r, images, maps, boxes, labels, valid, coords
         writer.finish(level_luts, out_attrs)
-    return {"n_patches": sum(sizes), "splits": splits, "failed": [s[0] for s in failed]}
+    return {"n_patches": n_total, "splits": splits, "failed": [s.slide_id for s in failed]}
 
 
 def jobs_from_maps(map_paths: Sequence[str | Path], entries: Sequence[SlideEntry], backend: str = "auto") -> list[SlideJob]:

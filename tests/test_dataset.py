@@ -13,10 +13,12 @@ import tifffile
 import torch
 import zarr
 
+import histopipe.dataset as dataset_module
 from histopipe.cropbank import CropBank, build_crop_bank, resize_square
 from histopipe.dataset import (
     SPLITS,
     PatchDataset,
+    PatchStoreWriter,
     assign_splits,
     build_dataset,
     dataset_info,
@@ -24,8 +26,9 @@ from histopipe.dataset import (
     jobs_from_maps,
     merge_stores,
     read_strings,
+    write_failed_slide,
 )
-from histopipe.errors import ConfigError, SlideError
+from histopipe.errors import ConfigError, HistopipeError, SlideError
 from histopipe.maps_io import write_map_store
 from histopipe.patches import PatchConfig, patch_geometry
 from histopipe.pyramid import write_pyramid
@@ -273,6 +276,90 @@ def test_per_slide_extract_and_merge_equal_build(built, cohort_maps, tmp_path):
         merge_stores([per_slide[0], per_slide[0]], tmp_path / "dup.zarr", PatchConfig(**CFG))
     with pytest.raises(ConfigError, match="not in the cohort sheet"):
         jobs_from_maps(maps[:2], entries[:1])
+
+
+def _store_files(path) -> dict:
+    """Every file of a store by its path inside it, with its bytes."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_merge_in_small_blocks_equals_build_exactly(built, cohort_maps, tmp_path, monkeypatch):
+    """The two-pass merge, with the writer flushing every 3 patches (20 patches: 6 full
+    blocks and a partial one) and a failed slide among the inputs, writes the store
+    build_dataset writes: same attributes, and every array's metadata and chunks byte for
+    byte (only the root's zarr.json, holding the attributes, is compared as JSON)."""
+    out, _, entries = built
+    _, _, maps = cohort_maps
+    per_slide = []
+    for job in jobs_from_maps(maps, entries):
+        per_slide.append(tmp_path / job.map_path.name)
+        extract_slide(job, per_slide[-1], PatchConfig(**CFG))
+    write_failed_slide(tmp_path / "ghost.zarr", "ghost", PatchConfig(**CFG), "unreadable")
+    monkeypatch.setattr(dataset_module, "WRITE_BLOCK", 3)
+    merged = tmp_path / "merged.zarr"
+    r = merge_stores([per_slide[2], tmp_path / "ghost.zarr", *per_slide[:2], *per_slide[3:]], merged, PatchConfig(**CFG))
+    assert r["n_patches"] == 20 and r["failed"] == ["ghost"]
+    a, b = dict(zarr.open_group(str(out), mode="r").attrs), dict(zarr.open_group(str(merged), mode="r").attrs)
+    assert b.pop("failed_slides") == {"ghost": "unreadable"} and a.pop("failed_slides") == {}
+    assert a == b
+    fa, fb = _store_files(out), _store_files(merged)
+    assert fa.keys() == fb.keys()
+    root_meta = [json.loads(f.pop("zarr.json")) for f in (fa, fb)]
+    for meta in root_meta:
+        meta["attributes"].pop("failed_slides")
+    assert root_meta[0] == root_meta[1]
+    assert [k for k in fa if fa[k] != fb[k]] == []
+
+
+def test_patch_store_writer_writes_in_blocks(tmp_path):
+    """n > block: the writer holds one block of the small arrays, writes full blocks as they
+    fill and the partial one at finish; the store equals one written in a single block."""
+    rng = np.random.default_rng(0)
+    n, size, c = 11, 8, 2
+    rows = [(rng.integers(0, 255, (size, size, 3), np.uint8), rng.integers(0, 5, (size, size)).astype(np.uint16),
+             rng.integers(0, 99, (c, 3)).astype(np.int32), rng.integers(0, 5, c).astype(np.uint16),
+             rng.integers(0, 2, c).astype(bool), (int(rng.integers(1e6)), int(rng.integers(1e6))), f"s{i // 4}", i % 3)
+            for i in range(n)]
+    stores = {}
+    for block in (4, None):
+        path = tmp_path / f"block{block}.zarr"
+        writer = PatchStoreWriter(zarr.open_group(str(path), mode="w", zarr_format=3), n, size, c, block=block)
+        for i, row in enumerate(rows):
+            writer.add(*row)
+            if block:
+                assert len(writer.buf["split"]) == 4 and writer.start == (i + 1) // 4 * 4  # flushed every 4th patch
+        if block:
+            # The full blocks are on disk before finish; the last 3 patches are not yet.
+            assert zarr.open_group(str(path), mode="r")["coords"][7].tolist() == list(rows[7][5])
+            assert zarr.open_group(str(path), mode="r")["coords"][8].tolist() == [0, 0]
+            with pytest.raises(HistopipeError, match="more patches than planned"):
+                PatchStoreWriter(zarr.open_group(str(tmp_path / "x.zarr"), mode="w"), 0, size, c).add(*rows[0])
+        writer.finish(np.zeros((1, 5), np.int32), {"patch_size": size})
+        stores[block] = path
+    g = zarr.open_group(str(stores[4]), mode="r")
+    np.testing.assert_array_equal(g["crop_boxes"][:], np.stack([r[2] for r in rows]))
+    np.testing.assert_array_equal(g["crop_valid"][:], np.stack([r[4] for r in rows]))
+    np.testing.assert_array_equal(g["coords"][:], np.array([r[5] for r in rows]))
+    np.testing.assert_array_equal(g["split"][:], [r[7] for r in rows])
+    assert read_strings(g["slide_id"]).tolist() == [r[6] for r in rows]
+    assert _store_files(stores[4]) == _store_files(stores[None])
+    short = PatchStoreWriter(zarr.open_group(str(tmp_path / "short.zarr"), mode="w"), 3, size, c, block=2)
+    short.add(*rows[0])
+    with pytest.raises(HistopipeError, match="wrote 1 patches, planned 3"):
+        short.finish(np.zeros((1, 5), np.int32), {})
+
+
+def test_lut_counts_reduced_one_store_at_a_time_equal_padded_sum():
+    rng = np.random.default_rng(1)
+    counts = [rng.integers(0, 50, (3, 7, k)) for k in (7, 9, 8)]
+    reducer = dataset_module._LutReducer()
+    for i, x in enumerate(counts):
+        reducer.add(np.zeros((3, 7), np.int32), True, x, f"s{i}")
+    assert reducer.shared  # identical LUTs from the maps: those are the cohort's
+    np.testing.assert_array_equal(reducer.luts(), np.zeros((3, 7), np.int32))
+    np.testing.assert_array_equal(reducer.counts, dataset_module._pad_counts(counts))
+    reducer.add(np.ones((3, 7), np.int32), True, counts[0], "other")
+    np.testing.assert_array_equal(reducer.luts(), dataset_module.luts_from_counts(dataset_module._pad_counts([*counts, counts[0]])))
 
 
 @pytest.mark.slow
