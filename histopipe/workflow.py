@@ -132,7 +132,8 @@ class Cohort:
         ``<out_dir>/<slide>.zarr`` (maps also ``.png`` and ``.geojson``).
 
         ``stage``: ``sample`` (sample-embeddings), ``map`` (assign-clusters or
-        annotation-map, by the map source) or ``patches`` (extract-patches).
+        annotation-map, by the map source), ``nuclei_tiles`` (nuclei-wsi-tiles) or
+        ``patches`` (extract-patches).
         """
         cmds = []
         for s in self.batches[batch]:

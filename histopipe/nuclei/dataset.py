@@ -11,14 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
-from torch.utils.data import Dataset
 
-from histopipe.errors import ConfigError
 from histopipe.nuclei.store import SPLITS, open_nuclei_store
+from histopipe.patch_dataset import SplitStoreDataset, image_tensor
 
 
-class NucleiDataset(Dataset):
+class NucleiDataset(SplitStoreDataset):
     """Patches of one split (``None``: all) of a nuclei store.
 
     Items are dicts (S = patch size): ``image`` float32 (3, S, S) in [-1, 1]; ``tissue``
@@ -29,43 +27,19 @@ class NucleiDataset(Dataset):
     """
 
     def __init__(self, path: str | Path, split: str | None = "train"):
-        self.path = Path(path)
-        root = open_nuclei_store(self.path)
+        root = open_nuclei_store(path)
+        super().__init__(path, split, SPLITS, np.asarray(root["split"][:]))
         self.attrs = dict(root.attrs)
         self.labels = bool(self.attrs.get("labels", True))
         self.class_names = tuple(self.attrs.get("class_names", ()))
         self.tissue_names = tuple(self.attrs.get("tissue_names", ()))
         self.patch_size = int(self.attrs["patch_size"])
-        codes = np.asarray(root["split"][:])
-        if split is None:
-            self.indices = np.arange(len(codes))
-        elif split in SPLITS:
-            self.indices = np.flatnonzero(codes == SPLITS.index(split))
-        else:
-            raise ConfigError(f"{path}: unknown split {split!r} (choose {', '.join(SPLITS)} or None)")
-        self.split = split
-        self._root: zarr.Group | None = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_root"] = None
-        return state
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def root(self) -> zarr.Group:
-        if self._root is None:
-            self._root = zarr.open_group(str(self.path), mode="r")
-        return self._root
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = int(self.indices[i])
         r = self.root
-        image = torch.from_numpy(np.ascontiguousarray(np.asarray(r["image"][n]).transpose(2, 0, 1)))
         item: dict[str, Any] = {
-            "image": image.float().div_(127.5).sub_(1.0),
+            "image": image_tensor(r["image"][n]),
             "tissue": torch.tensor(int(r["tissue"][n]), dtype=torch.int64),
             "index": n,
         }

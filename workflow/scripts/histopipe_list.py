@@ -8,8 +8,8 @@ import tempfile
 from histopipe.cli import main
 
 sm = snakemake  # noqa: F821
-# Per-slide paths inside batch folders come as params.list_columns; plain inputs by name.
-columns = sm.params.list_columns if hasattr(sm.params, "list_columns") else [sm.input[n] for n in sm.params.list_inputs]
+# params.list_columns: one list of paths per column (per-slide paths, some inside batch folders).
+columns = sm.params.list_columns
 with open(sm.log[0], "w") as log, tempfile.NamedTemporaryFile("w", suffix=".txt") as lst:
     lst.write("".join("\t".join(map(str, row)) + "\n" for row in zip(*columns, strict=True)))
     lst.flush()
