@@ -162,8 +162,9 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
 
     sheet = _copy_cohort(demo_cohort, tmp_path / "cohort", ["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
     results = tmp_path / "results"
-    # Four slides fill one batch: a fifth slide starts the next one.
-    cfg = ("--config", f"sheet={sheet}", f"results={results}", "slides_per_batch=4")
+    # Four slides fill one batch: a fifth slide starts the next one. A relative results
+    # folder, as `make demo` uses: list files of cohort steps must still find the stores.
+    cfg = ("--config", f"sheet={sheet}", "results=results", "slides_per_batch=4")
     r = snakemake(tmp_path, "--cores", "2", *cfg, extra_configs=(FAST,), timeout=3000)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -218,7 +219,10 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     with open(sheet, "a") as fh:
         fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
     reuse = tmp_path / "reuse.yaml"
-    reuse.write_text(f"clustering:\n  model: {model}\n")
+    # The model as the workflow names it (relative to the working directory), so the earlier
+    # batch's inputs are unchanged.
+    assert model.is_dir()
+    reuse.write_text(f"clustering:\n  model: {model.relative_to(tmp_path)}\n")
     r = snakemake(tmp_path, "-n", *cfg, extra_configs=(FAST, reuse))
     out = r.stdout + r.stderr
     counts = _job_counts(out)
