@@ -11,12 +11,10 @@ import torch
 from histopipe.config import load_config
 from histopipe.diffusion.augment import augment_batch, flip_rotate, hed_jitter, transform_boxes
 from histopipe.diffusion.conditioning import (
+    ConditionEncoder,
     CropTokenEncoder,
     PlacedCrop,
-    SemanticMapEncoder,
     box_masks,
-    build_condition,
-    condition_channels,
     slots_from_image,
     slots_from_placed,
 )
@@ -68,23 +66,35 @@ def test_slots_are_sparse_canvases_of_the_image():
 
 def test_condition_tensor_layout_and_dropping():
     images, maps, boxes, labels, valid = _batch()
-    enc = SemanticMapEncoder(level_num_labels=(4, 2), embed_dim=3)
+    enc = ConditionEncoder(level_num_labels=(4, 2), embed_dim=3, with_crops=True, style_dim=5, crop_size=8)
     slots = slots_from_image(images, boxes, labels, valid, max_crops=3)
-    cond = build_condition(enc, maps, slots)
-    assert cond.shape == (2, condition_channels(3, 3, True), 16, 16) == (2, 3 + 3 * 6, 16, 16)
+    cond = enc.image_condition(maps, slots)
+    assert cond.shape == (2, enc.image_channels, 16, 16) == (2, 3 + 4 + 5 + 6, 16, 16)
     assert torch.allclose(cond[:, :3], enc.embedding(maps).permute(0, 3, 1, 2))
-    slot1 = cond[:, 3 + 6 : 3 + 12]  # second slot: crop pixels then its type embedding
-    assert torch.equal(slot1[0, :3, 8:13, 6:11], images[0, :, 8:13, 6:11])
-    assert torch.allclose(slot1[0, 3:, 8, 6], enc.embedding.weight[2])
-    assert (slot1[0, :, :8] == 0).all() and (cond[:, 3 + 12 :] == 0).all()  # outside the box; empty slot
-    dropped = build_condition(enc, maps, slots, drop_map=torch.tensor([True, False]), drop_crops=torch.tensor([False, True]))
+    canvas, mask, style = cond[:, 3:6], cond[:, 6], cond[:, 7:]
+    in_box = box_masks(slots.boxes, slots.valid, 16, 16).any(1)  # (B, H, W)
+    assert torch.equal(canvas[0, :, 8:13, 6:11], images[0, :, 8:13, 6:11])  # the crop's own pixels
+    assert (canvas.permute(1, 0, 2, 3)[:, ~in_box] == 0).all() and torch.equal(mask, in_box.float())
+    # Each crop's style covers the whole region of its type, and nothing else.
+    for b in range(2):
+        for k, label in ((0, 1), (1, 2)):
+            region = maps[b] == label
+            values = style[b][:, region]
+            assert torch.allclose(values, values[:, :1].expand_as(values))
+            crop = slots.crop(b, k)
+            assert torch.allclose(values[5:8, 0], crop.mean((1, 2)), atol=1e-5)  # colour mean
+            assert torch.allclose(values[8:, 0], crop.std((1, 2), unbiased=False), atol=1e-3)  # and spread
+        assert (style[b][:, (maps[b] != 1) & (maps[b] != 2)] == 0).all()  # types without a crop
+    dropped = enc.image_condition(maps, slots, drop_map=torch.tensor([True, False]), drop_crops=torch.tensor([False, True]))
     assert torch.allclose(dropped[0, :3], enc.embedding.weight[enc.null_index][:, None, None].expand(3, 16, 16))
     assert torch.equal(dropped[1, :3], cond[1, :3]) and (dropped[1, 3:] == 0).all()
-    assert torch.equal(dropped[0, 3:], cond[0, 3:])
+    assert torch.allclose(dropped[0, 3:], cond[0, 3:], atol=1e-6)  # the CNN sees another batch: rounding only
     # Coarser levels have their own rows; ids beyond a level's range are refused.
-    assert not torch.equal(enc(maps.clamp(max=1), level=1), enc(maps.clamp(max=1), level=0))
+    assert not torch.equal(enc.map_channels(maps.clamp(max=1), level=1), enc.map_channels(maps.clamp(max=1), level=0))
     with pytest.raises(HistopipeError, match="out of range"):
-        enc(maps, level=1)
+        enc.map_channels(maps, level=1)
+    # The map-only encoder reads the map alone.
+    assert ConditionEncoder(level_num_labels=(4,), embed_dim=3).image_condition(maps).shape == (2, 3, 16, 16)
 
 
 def test_placed_crops_and_tokens():
@@ -138,17 +148,39 @@ def test_augmentation_keeps_image_map_and_crops_consistent():
 
 
 @pytest.mark.parametrize("vae_levels", [2, 4])
-def test_controlnet_condition_reaches_latent_resolution(vae_levels):
+@pytest.mark.parametrize("injection", ["input", "controlnet", "both"])
+def test_condition_reaches_latent_resolution(vae_levels, injection):
     torch.manual_seed(0)
     vae = build_vae(tiny_vae(block_out_channels=(32,) * vae_levels), 32)
     factor = 2 ** (vae_levels - 1)
-    den: Denoiser = build_denoiser(tiny_ldm(), vae, 32, [4])
+    den: Denoiser = build_denoiser(tiny_ldm(injection=injection, condition_channels=6), vae, 32, [4])
     images, maps, boxes, labels, valid = _batch(size=32)
     slots = slots_from_image(images, boxes, labels, valid, 3)
-    cond = build_condition(den.map_encoder, maps, slots)
-    assert cond.shape[1] == den.controlnet.config.conditioning_channels
-    emb = den.controlnet.controlnet_cond_embedding(cond)
-    assert emb.shape[-2:] == (32 // factor, 32 // factor)
+    enc = den.condition_encoder
+    cond = enc.image_condition(maps, slots)
+    assert (den.controlnet is not None) == (injection != "input")
+    assert (enc.to_latent is not None) == (injection != "controlnet")
+    if enc.to_latent is not None:
+        assert enc(cond).shape == (2, 6, 32 // factor, 32 // factor)
+        assert den.unet.config.in_channels == 4 + 6
+    if den.controlnet is not None:
+        assert cond.shape[1] == den.controlnet.config.conditioning_channels
+        assert den.controlnet.controlnet_cond_embedding(cond).shape[-2:] == (32 // factor, 32 // factor)
     latents = torch.randn(2, 4, 32 // factor, 32 // factor)
     out = den(latents, torch.tensor([10, 500]), maps, slots)
     assert out.shape == latents.shape
+    # The output depends on the map and on the crops through every injection.
+    other = den(latents, torch.tensor([10, 500]), maps.flip(0), slots)
+    no_crops = den(latents, torch.tensor([10, 500]), maps, slots, drop_crops=torch.tensor([True, True]))
+    if injection == "controlnet":  # zero-initialised outputs: no effect until trained
+        assert torch.equal(other, out) and torch.equal(no_crops, out)
+    else:
+        assert not torch.allclose(other, out) and not torch.allclose(no_crops, out)
+
+
+def test_pretrained_unet_needs_a_controlnet_branch():
+    with pytest.raises(ConfigError, match="injection: controlnet"):
+        tiny_ldm(pretrained_unet="/some/unet", injection="input")
+    assert tiny_ldm(pretrained_unet="/some/unet", injection="controlnet").injection == "controlnet"
+    with pytest.raises(ConfigError, match="injection"):
+        tiny_ldm(injection="cross-attention")

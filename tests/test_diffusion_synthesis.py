@@ -201,7 +201,7 @@ def test_flagging_marks_images_far_from_real_tiles():
 @pytest.mark.slow
 def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
     patches, bank = data
-    preset = yaml.safe_load((ROOT / "config" / "diffusion_tiny.yaml").read_text())
+    preset = {k: v for k, v in yaml.safe_load((ROOT / "config" / "presets" / "tiny.yaml").read_text()).items() if k != "evaluation"}
     preset["vae"].update(max_steps=4, checkpoint_every=2, sample_every=2)
     preset["ldm"].update(max_steps=4, checkpoint_every=2, sample_every=4, sample_steps=2, max_crops=3, variant="map")
     preset["synthesis"].update(steps=2, batch_size=4, num_per_map=2)
@@ -223,9 +223,12 @@ def test_cli_train_and_synthesize_end_to_end(data, tmp_path, caplog):
     cli(*ldm_args)
     model = tmp_path / "ldm" / "model"
     assert (model / "model_index.json").is_file() and (tmp_path / "ldm" / "samples" / "step-0000004.png").is_file()
-    # --config-json overrides the file's map-only variant: the branch reads map + 3 crop slots.
-    embed = preset["ldm"]["map_embed_dim"]
-    assert json.loads((model / "controlnet" / "config.json").read_text())["conditioning_channels"] == embed + 3 * (3 + embed)
+    # --config-json overrides the file's map-only variant: the condition encoder reads crops,
+    # and the condition reaches the UNet by input injection (no ControlNet branch).
+    encoder = json.loads((model / "condition_encoder" / "config.json").read_text())
+    assert encoder["with_crops"] and encoder["embed_dim"] == preset["ldm"]["map_embed_dim"]
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    assert unet["in_channels"] == 4 + encoder["out_channels"] and not (model / "controlnet").exists()
     assert sorted(p.name for p in (tmp_path / "ldm" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     caplog.set_level(logging.INFO)
     cli(*ldm_args)  # a finished training resumes at its last step and only re-exports

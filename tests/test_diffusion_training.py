@@ -114,7 +114,7 @@ def test_save_and_reload_give_the_same_images(overfit, store, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = HistoSynthesisPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
-    for name in ("unet", "controlnet", "map_encoder", "vae"):
+    for name in ("unet", "condition_encoder", "vae"):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert loaded.variant == "map_crops" and loaded.config.max_crops == 3 and loaded.config.label_names == LABEL_NAMES
@@ -191,7 +191,7 @@ def test_vae_training_lowers_reconstruction_loss(store, tmp_path):
 def test_frozen_pretrained_unet_trains_only_the_condition_branch(store, tmp_path):
     torch.manual_seed(1)
     build_unet(tiny_ldm(), 4, 8).save_pretrained(tmp_path / "sd" / "unet")  # sample_size differs on purpose
-    s = tiny_ldm(pretrained_unet=str(tmp_path / "sd"), max_steps=2)
+    s = tiny_ldm(pretrained_unet=str(tmp_path / "sd"), injection="controlnet", max_steps=2)
     task = _task(store, s)
     unet_before = {k: v.clone() for k, v in task.model.unet.state_dict().items()}
     branch_before = {k: v.clone() for k, v in task.model.controlnet.state_dict().items()}
@@ -208,3 +208,35 @@ def test_train_vae_copies_a_pretrained_vae(store, tmp_path):
     a, b = _vae(3).state_dict(), load_vae(tmp_path / "out" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_perceptual_loss_sees_blur_that_l1_barely_sees():
+    from histopipe.diffusion.autoencoder import PerceptualLoss
+
+    torch.manual_seed(0)
+    loss = PerceptualLoss("efficientnet_lite0")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = (x + 0.1).clamp(-1, 1)  # a brightness change of similar L1
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(blurred, x) > 2 * loss(shifted, x)
+    assert not any(p.requires_grad for p in loss.parameters())
+    loss.train()
+    assert not loss.model.training  # frozen statistics
+
+
+def test_vae_discriminator_enters_after_its_warm_up(store, tmp_path):
+    s = tiny_vae(max_steps=4, disc_start=2, disc_weight=0.5, disc_layers=2, disc_channels=16, perceptual_weight=0.5)
+    task = VAETask(s, 32, reference_batch(store, 2), reference_batch(store, 8)["image"])
+    task.to(torch.device("cpu"), torch.float32)
+    batch = reference_batch(store, 4)
+    gen = torch.Generator().manual_seed(0)
+    before = task.model(batch["image"], gen, step=1)
+    after = task.model(batch["image"], gen, step=2)
+    assert "g" not in before and {"g", "d", "g_weight", "perceptual"} <= after.keys()
+    assert float(after["g_weight"]) > 0
+    disc_before = {k: v.clone() for k, v in task.model.disc.state_dict().items()}
+    train(task, store, s, tmp_path)
+    assert any(not torch.equal(disc_before[k], v) for k, v in task.model.disc.state_dict().items())
+    vae = load_vae(tmp_path / "model")  # the export holds the VAE alone
+    assert sum(p.numel() for p in vae.parameters()) == sum(p.numel() for p in task.model.vae.parameters())

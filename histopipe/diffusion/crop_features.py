@@ -19,9 +19,11 @@ _THUMB = 4
 class CropFeaturizer:
     """Callable: CropSlots → features (B, K, D) float32, zeros in empty slots."""
 
-    def __init__(self, name: str, device: str | torch.device = "cpu"):
+    def __init__(self, name: str, device: str | torch.device = "cpu", size: int | None = None):
+        """``size``: side (px) the crops are resized to for the encoder (default: its input size)."""
         self.name = name
         self.device = torch.device(device)
+        self.size = size
         self._encoder = None
         if name != THUMBNAIL:
             from histopipe.encoders import get_encoder  # the registry is heavy: import on use
@@ -37,6 +39,8 @@ class CropFeaturizer:
     def input_size(self) -> int:
         if self._encoder is None:
             return _THUMB
+        if self.size:
+            return int(self.size)
         size = self._encoder.spec.input_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 

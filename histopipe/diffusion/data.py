@@ -20,11 +20,14 @@ from histopipe.dataset import SPLITS, open_dataset, read_strings
 from histopipe.errors import HistopipeError
 
 
-def open_training_set(path: str | Path, split: str = "train"):
-    """The patches of ``split`` as a torch Dataset of contract-#4 dicts (finest labels)."""
+def open_training_set(path: str | Path, split: str = "train", memory_mb: float = 0):
+    """The patches of ``split`` as a torch Dataset of contract-#4 dicts (finest labels), held
+    in memory when its images and maps take at most ``memory_mb`` MiB."""
     from histopipe.dataset import PatchDataset  # imports torch
 
-    return PatchDataset(path, split, level=0)
+    data = PatchDataset(path, split, level=0)
+    data.in_memory = data.nbytes() <= memory_mb * 2**20
+    return data
 
 
 def store_info(path: str | Path) -> dict:

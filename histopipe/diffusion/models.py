@@ -1,13 +1,20 @@
-"""Building the VAE, UNet and ControlNet branch from the config, and the denoiser they form.
+"""Building the VAE, UNet and condition branch from the config, and the denoiser they form.
 
-The ControlNet branch (diffusers ``ControlNetModel``) reads the condition tensor at image
-resolution; its condition embedding has one stride-2 stage per VAE downsampling step, so the
-condition reaches latent resolution exactly (a factor-8 VAE gets the usual 3 stages, a
-factor-2 tiny VAE one).
+The condition (``ConditionEncoder``: map embedding, crop canvas, crop style) reaches the
+``UNet2DConditionModel`` by ``ldm.injection``:
 
-Every variant uses the same ``UNet2DConditionModel`` backbone, so the paper's ablations differ
-only in their conditioning. Variants without crop tokens feed cross-attention one zero token
-(to_k/to_v have no bias, so that is a constant and carries no information).
+- ``input``: the encoder's strided convolutions bring it to latent resolution and it is
+  concatenated to the noisy latents (the UNet's ``in_channels`` = latent + condition
+  channels). Trained jointly from scratch, this follows the map within a few hundred steps.
+- ``controlnet``: a diffusers ``ControlNetModel`` branch reads the condition at image
+  resolution and adds residuals to the UNet's skip connections. Its zero-initialised outputs
+  leave a frozen pretrained UNet (``ldm.pretrained_unet``) untouched at the start, which is
+  what it is for; trained jointly with a UNet from scratch it picks up its condition slowly.
+- ``both``: input injection and a ControlNet branch.
+
+Every variant uses the same backbone, so the paper's ablations differ only in their
+conditioning. Variants without crop tokens feed cross-attention one zero token (to_k/to_v
+have no bias, so that is a constant and carries no information).
 """
 
 from __future__ import annotations
@@ -19,13 +26,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from histopipe.diffusion.conditioning import (
-    CropSlots,
-    CropTokenEncoder,
-    SemanticMapEncoder,
-    build_condition,
-    condition_channels,
-)
+from histopipe.diffusion.conditioning import ConditionEncoder, CropSlots, CropTokenEncoder
 from histopipe.diffusion.settings import LDMSettings, VAESettings
 from histopipe.errors import HistopipeError, WeightsError
 
@@ -47,6 +48,7 @@ def build_vae(s: VAESettings, image_size: int) -> AutoencoderKL:
         latent_channels=s.latent_channels,
         norm_num_groups=s.norm_num_groups,
         sample_size=image_size,
+        mid_block_add_attention=s.mid_attention,
     )
 
 
@@ -80,14 +82,15 @@ def load_unet(path: str | Path) -> UNet2DConditionModel:
     return unet
 
 
-def build_unet(s: LDMSettings, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+def build_unet(s: LDMSettings, latent_channels: int, latent_size: int, condition_channels: int = 0) -> UNet2DConditionModel:
+    """A UNet over latents (plus ``condition_channels`` injected input channels)."""
     n = len(s.block_out_channels)
     attn = [i >= s.first_attention_level for i in range(n)]
     if n > 1 and not any(attn):
         raise HistopipeError(f"config.ldm.first_attention_level={s.first_attention_level} leaves no attention level of {n}")
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=latent_channels,
+        in_channels=latent_channels + condition_channels,
         out_channels=latent_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -109,41 +112,43 @@ def cond_embedding_channels(base: int, scale_factor: int) -> tuple[int, ...]:
     return tuple(min(base * 2**i, 256) for i in range(stages + 1))
 
 
-def build_controlnet(unet: UNet2DConditionModel, s: LDMSettings, scale_factor: int) -> ControlNetModel:
-    channels = condition_channels(s.map_embed_dim, s.max_crops, s.uses_crop_canvases)
+def build_controlnet(unet: UNet2DConditionModel, s: LDMSettings, scale_factor: int, condition_channels: int) -> ControlNetModel:
     return ControlNetModel.from_unet(
         unet,
         conditioning_embedding_out_channels=cond_embedding_channels(s.cond_embedding_base_channels, scale_factor),
-        conditioning_channels=channels,
+        conditioning_channels=condition_channels,
     )
 
 
 class Denoiser(nn.Module):
-    """UNet + ControlNet branch + condition encoders: one module to train, checkpoint and EMA.
-
-    The variant follows from the parts present: no ControlNet = unconditional; a crop-token
-    encoder = map + crop embeddings; a ControlNet reading more channels than the map
-    embedding = map + raw crop canvases; else map only.
-    """
+    """UNet + condition encoder (+ ControlNet branch, crop tokens): one module to train,
+    checkpoint and EMA. The variant follows from the parts present (``variant_of``)."""
 
     def __init__(
         self,
         unet: UNet2DConditionModel,
+        condition_encoder: ConditionEncoder | None = None,
         controlnet: ControlNetModel | None = None,
-        map_encoder: SemanticMapEncoder | None = None,
         crop_encoder: CropTokenEncoder | None = None,
     ):
         super().__init__()
         self.unet = unet
+        self.condition_encoder = condition_encoder
         self.controlnet = controlnet
-        self.map_encoder = map_encoder
         self.crop_encoder = crop_encoder
-        if (controlnet is None) != (map_encoder is None):
-            raise HistopipeError("a ControlNet branch needs a map encoder and vice versa")
+        if condition_encoder is None and (controlnet is not None or crop_encoder is not None):
+            raise HistopipeError("a ControlNet branch or crop tokens need a condition encoder (the map)")
+        injected = 0 if condition_encoder is None or condition_encoder.to_latent is None else condition_encoder.config.out_channels
+        if condition_encoder is not None and not injected and controlnet is None:
+            raise HistopipeError("the condition reaches the UNet neither by input injection nor by a ControlNet branch")
+        if unet.config.in_channels != unet.config.out_channels + injected:
+            raise HistopipeError(
+                f"the UNet reads {unet.config.in_channels} channels but gets {unet.config.out_channels} latent + {injected} condition channels"
+            )
 
     @property
     def variant(self) -> str:
-        return variant_of(self.controlnet, self.map_encoder, self.crop_encoder)
+        return variant_of(self.condition_encoder, self.crop_encoder)
 
     def forward(
         self,
@@ -168,37 +173,28 @@ class Denoiser(nn.Module):
             valid = slots.dropped(drop_crops).valid
             context = self.crop_encoder(crop_features, slots.labels, valid, level)
         else:
-            dim = self.unet.config.cross_attention_dim
-            context = latents.new_zeros(b, 1, dim)
+            context = latents.new_zeros(b, 1, self.unet.config.cross_attention_dim)
         context = context.to(latents.dtype)
-        if self.controlnet is None:
+        enc = self.condition_encoder
+        if enc is None:
             return self.unet(latents, timesteps, encoder_hidden_states=context).sample
         if maps is None:
             raise HistopipeError("this model is conditioned on a semantic map: give maps")
-        canvases = slots if self.variant == "map_crops" else None
-        if self.variant == "map_crops" and slots is None:
-            raise HistopipeError("this model is conditioned on crops: give crop slots")
-        cond = build_condition(self.map_encoder, maps, canvases, level, drop_map, drop_crops)
-        down, mid = self.controlnet(
-            latents, timesteps, encoder_hidden_states=context, controlnet_cond=cond.to(latents.dtype), return_dict=False
-        )
-        return self.unet(
-            latents,
-            timesteps,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
+        cond = enc.image_condition(maps, slots, level, drop_map, drop_crops).to(latents.dtype)
+        x = latents if enc.to_latent is None else torch.cat([latents, enc(cond)], dim=1)
+        residuals = {}
+        if self.controlnet is not None:
+            down, mid = self.controlnet(x, timesteps, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(x, timesteps, encoder_hidden_states=context, **residuals).sample
 
 
-def variant_of(controlnet, map_encoder, crop_encoder) -> str:
-    if controlnet is None:
+def variant_of(condition_encoder: ConditionEncoder | None, crop_encoder: CropTokenEncoder | None) -> str:
+    if condition_encoder is None:
         return "unconditional"
     if crop_encoder is not None:
         return "map_crop_embeddings"
-    if controlnet.config.conditioning_channels > map_encoder.config.embed_dim:
-        return "map_crops"
-    return "map"
+    return "map_crops" if condition_encoder.config.with_crops else "map"
 
 
 def build_denoiser(
@@ -213,21 +209,33 @@ def build_denoiser(
     if image_size % factor:
         raise HistopipeError(f"patch size {image_size} px is not a multiple of the VAE's scale factor {factor}")
     latent_size = image_size // factor
+    latent_channels = vae.config.latent_channels
+    encoder = None
+    injected = 0
+    if s.uses_map:
+        injected = s.condition_channels if s.injection in ("input", "both") else 0
+        encoder = ConditionEncoder(
+            level_num_labels=tuple(level_num_labels),
+            embed_dim=s.map_embed_dim,
+            with_crops=s.uses_crop_canvases,
+            style_dim=s.crop_style_dim,
+            crop_size=s.crop_style_size,
+            out_channels=injected,
+            scale_factor=factor,
+            base_channels=s.cond_embedding_base_channels,
+        )
     if s.pretrained_unet:
         unet = load_unet(s.pretrained_unet)
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise WeightsError(
-                f"{s.pretrained_unet}: UNet takes {unet.config.in_channels} latent channels, the VAE gives {vae.config.latent_channels}"
-            )
+        if unet.config.in_channels != latent_channels:
+            raise WeightsError(f"{s.pretrained_unet}: UNet takes {unet.config.in_channels} latent channels, the VAE gives {latent_channels}")
         unet.requires_grad_(False)
         # The UNet is convolutional: it runs at our latent size, which the pipeline then reports.
         unet.register_to_config(sample_size=latent_size)
     else:
-        unet = build_unet(s, vae.config.latent_channels, latent_size)
-    controlnet = map_encoder = crop_encoder = None
-    if s.uses_map:
-        controlnet = build_controlnet(unet, s, factor)
-        map_encoder = SemanticMapEncoder(level_num_labels=tuple(level_num_labels), embed_dim=s.map_embed_dim)
+        unet = build_unet(s, latent_channels, latent_size, injected)
+    controlnet = crop_encoder = None
+    if s.uses_map and s.injection in ("controlnet", "both"):
+        controlnet = build_controlnet(unet, s, factor, encoder.image_channels)
     if s.uses_crop_tokens:
         if crop_feature_dim is None:
             raise HistopipeError("map_crop_embeddings needs the crop feature width")
@@ -236,5 +244,6 @@ def build_denoiser(
             cross_attention_dim=unet.config.cross_attention_dim,
             level_num_labels=tuple(level_num_labels),
             feature_encoder=s.crop_feature_encoder,
+            feature_size=s.crop_feature_size,
         )
-    return Denoiser(unet, controlnet, map_encoder, crop_encoder)
+    return Denoiser(unet, encoder, controlnet, crop_encoder)

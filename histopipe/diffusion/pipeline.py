@@ -23,7 +23,7 @@ from diffusers import (
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from histopipe.diffusion.conditioning import CropSlots, CropTokenEncoder, SemanticMapEncoder
+from histopipe.diffusion.conditioning import ConditionEncoder, CropSlots, CropTokenEncoder
 from histopipe.diffusion.crop_features import CropFeaturizer
 from histopipe.diffusion.models import Denoiser, vae_scale_factor, variant_of
 from histopipe.errors import HistopipeError
@@ -65,22 +65,23 @@ class HistoSynthesisPipeline(DiffusionPipeline):
     """Latent diffusion conditioned on a semantic map and raw crops (paper 004).
 
     Components: ``vae`` (AutoencoderKL), ``unet`` (UNet2DConditionModel), ``scheduler``;
-    optional ``controlnet`` (ControlNetModel over the condition tensor), ``map_encoder``
-    (SemanticMapEncoder), ``crop_encoder`` (CropTokenEncoder, crop-embedding variant).
+    optional ``condition_encoder`` (ConditionEncoder: map and raw crops), ``controlnet``
+    (ControlNetModel over the condition tensor) and ``crop_encoder`` (CropTokenEncoder,
+    crop-embedding variant).
     Config: ``max_crops`` (crop slots per image), ``label_names`` (index = map value) and
     ``mpp`` (µm/px of the training patches), recorded for synthesis.
     """
 
-    model_cpu_offload_seq = "crop_encoder->map_encoder->controlnet->unet->vae"
-    _optional_components = ["controlnet", "map_encoder", "crop_encoder"]
+    model_cpu_offload_seq = "crop_encoder->condition_encoder->controlnet->unet->vae"
+    _optional_components = ["condition_encoder", "controlnet", "crop_encoder"]
 
     def __init__(
         self,
         vae: AutoencoderKL,
         unet: UNet2DConditionModel,
         scheduler: DDPMScheduler,
+        condition_encoder: ConditionEncoder | None = None,
         controlnet: ControlNetModel | None = None,
-        map_encoder: SemanticMapEncoder | None = None,
         crop_encoder: CropTokenEncoder | None = None,
         max_crops: int = 0,
         label_names: list[str] | None = None,
@@ -88,14 +89,15 @@ class HistoSynthesisPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, unet=unet, scheduler=scheduler, controlnet=controlnet, map_encoder=map_encoder, crop_encoder=crop_encoder
+            vae=vae, unet=unet, scheduler=scheduler, condition_encoder=condition_encoder, controlnet=controlnet,
+            crop_encoder=crop_encoder,
         )
         self.register_to_config(max_crops=int(max_crops), label_names=list(label_names or []), mpp=mpp)
         self._featurizer: CropFeaturizer | None = None
 
     @property
     def variant(self) -> str:
-        return variant_of(self.controlnet, self.map_encoder, self.crop_encoder)
+        return variant_of(self.condition_encoder, self.crop_encoder)
 
     @property
     def image_size(self) -> int:
@@ -103,7 +105,7 @@ class HistoSynthesisPipeline(DiffusionPipeline):
 
     @property
     def denoiser(self) -> Denoiser:
-        return Denoiser(self.unet, self.controlnet, self.map_encoder, self.crop_encoder)
+        return Denoiser(self.unet, self.condition_encoder, self.controlnet, self.crop_encoder)
 
     def use_sampler(self, name: str) -> None:
         """Swap the scheduler for sampling: ``ddim``, ``dpmpp`` (DPM-Solver++ 2M) or ``ddpm``."""
@@ -120,7 +122,8 @@ class HistoSynthesisPipeline(DiffusionPipeline):
     def crop_features(self, slots: CropSlots) -> torch.Tensor:
         """Features of the crops with the frozen encoder the crop-token encoder was trained on."""
         if self._featurizer is None:
-            self._featurizer = CropFeaturizer(self.crop_encoder.config.feature_encoder, device=self.device)
+            config = self.crop_encoder.config
+            self._featurizer = CropFeaturizer(config.feature_encoder, device=self.device, size=config.get("feature_size"))
         return self._featurizer(slots)
 
     def noise_prediction(
@@ -214,7 +217,7 @@ class HistoSynthesisPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         h = self.unet.config.sample_size
-        shape = (b, self.unet.config.in_channels, h, h)
+        shape = (b, self.unet.config.out_channels, h, h)
         # The sampler's arithmetic stays in float32 even when the networks run in bf16/fp16.
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -13,6 +13,7 @@ from histopipe.config import section
 from histopipe.errors import ConfigError
 
 VARIANTS = ("unconditional", "map", "map_crop_embeddings", "map_crops")
+INJECTIONS = ("input", "controlnet", "both")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class TrainLoopSettings:
     seed: int = 0
     num_workers: int = 4
     augment_flip: bool = True
+    eval_every: int = 1000
+    eval_samples: int = 64
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,25 @@ class VAESettings(TrainLoopSettings):
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
+    mid_attention: bool = True
     kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    perceptual_encoder: str = "efficientnet_lite0"
+    disc_weight: float = 0.5
+    disc_start: int = 50001
+    disc_layers: int = 3
+    disc_channels: int = 64
+    scale_samples: int = 256
+    eval_encoder: str = "efficientnet_lite0"
+    memory_mb: float = 1024
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         _check_groups("vae", self.block_out_channels, self.norm_num_groups)
+
+    @property
+    def uses_disc(self) -> bool:
+        return self.disc_weight > 0 and self.disc_start < self.max_steps
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,7 @@ class LDMSettings(TrainLoopSettings):
     """Config section ``ldm``."""
 
     variant: str = "map_crops"
+    injection: str = "input"
     pretrained_unet: str | None = None
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
@@ -68,13 +86,18 @@ class LDMSettings(TrainLoopSettings):
     norm_num_groups: int = 32
     map_embed_dim: int = 8
     max_crops: int = 8
+    condition_channels: int = 32
+    crop_style_dim: int = 16
+    crop_style_size: int = 16
     cond_embedding_base_channels: int = 16
     crop_feature_encoder: str = "efficientnet_lite0"
+    crop_feature_size: int | None = None
     p_drop_crops: float = 0.1
     p_drop_map: float = 0.05
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
+    snr_gamma: float = 0.0
     weight_decay: float = 0.01
     lr_schedule: str = "cosine"
     max_steps: int = 50000
@@ -83,10 +106,19 @@ class LDMSettings(TrainLoopSettings):
     augment_stain: float = 0.05
     augment_brightness: float = 0.05
     curriculum: tuple[tuple[int, int], ...] = field(default=())
+    eval_encoder: str = "efficientnet_lite0"
+    memory_mb: float = 1024
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"config.ldm.variant: {self.variant!r} is not one of {VARIANTS}")
+        if self.injection not in INJECTIONS:
+            raise ConfigError(f"config.ldm.injection: {self.injection!r} is not one of {INJECTIONS}")
+        if self.pretrained_unet and self.injection != "controlnet":
+            raise ConfigError(
+                "config.ldm.injection: a frozen pretrained UNet (ldm.pretrained_unet) cannot read injected "
+                f"condition channels; use injection: controlnet (got {self.injection!r})"
+            )
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         _check_groups("ldm", self.block_out_channels, self.norm_num_groups)
         stages = []
@@ -129,6 +161,7 @@ class SynthesisSettings:
     seed: int = 0
     level: int = 0
     num_per_map: int = 4
+    held_out_repeats: int = 1
     limit: int | None = None
     min_crop_side: int = 8
     write_png: bool = True

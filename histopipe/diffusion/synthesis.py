@@ -10,7 +10,9 @@ Three sources of conditions (``histopipe synthesize --mode``):
 
 Output folder: ``synthetic.zarr`` (laid out like a training-patch store, contract #4, so it
 reads back with the same reader: images, maps, crop boxes/labels, slide ids, split = train,
-plus ``seed`` and ``present`` = the region-wise labels of each image), ``images/<id>.png`` and
+plus ``seed``, ``present`` = the region-wise labels of each image, ``crop_canvas`` = the
+crops each image was conditioned on, pasted at their boxes on black, and ``source_index`` =
+the patch-store row whose map it was drawn for, -1 for user maps), ``images/<id>.png`` and
 ``labels/<id>.png`` (16-bit ids) and ``manifest.csv`` / ``manifest.json`` (map source, crop
 sources, seed, sampler, steps, guidance). Item i uses seed ``seed + i`` and its own crop
 placement generator, so results do not depend on batch size or on resumption; finished
@@ -62,6 +64,7 @@ class SynthesisItem:
     seed: int = 0
     map_source: str = ""
     slide_id: str = ""
+    source_index: int = -1  # row of the patch store whose map this is (-1: a user map)
 
 
 def item_rng(seed: int, index: int) -> np.random.Generator:
@@ -99,8 +102,11 @@ def place_crops(
     return placed
 
 
-def held_out_items(store: PatchRows, max_crops: int, seed: int, limit: int | None = None, level: int = 0) -> list[SynthesisItem]:
-    """Maps of ``store`` (at map ``level``) with their own crops (the first ``max_crops`` valid ones)."""
+def held_out_items(
+    store: PatchRows, max_crops: int, seed: int, limit: int | None = None, level: int = 0, repeats: int = 1,
+) -> list[SynthesisItem]:
+    """Maps of ``store`` (at map ``level``) with their own crops (the first ``max_crops`` valid
+    ones), each ``repeats`` times with its own seed."""
     if not 0 <= level < len(store.level_luts):
         raise HistopipeError(f"{store.path}: map level {level} out of range ({len(store.level_luts)} levels)")
     lut = store.level_luts[level]
@@ -112,7 +118,10 @@ def held_out_items(store: PatchRows, max_crops: int, seed: int, limit: int | Non
             y0, x0, s = (int(v) for v in r["crop_boxes"][k])
             crops.append(PlacedCrop(r["image"][y0 : y0 + s, x0 : x0 + s].copy(), int(lut[r["crop_labels"][k]]), y0, x0,
                                     f"{store.path.name}#{r['index']}:{y0},{x0},{s}"))
-        items.append(SynthesisItem(f"{i:06d}", lut[r["map"]].astype(np.uint16), crops, seed + i, f"{store.path.name}#{r['index']}", store.slide_id(i)))
+        label_map = lut[r["map"]].astype(np.uint16)
+        for _ in range(repeats):
+            j = len(items)
+            items.append(SynthesisItem(f"{j:06d}", label_map, crops, seed + j, f"{store.path.name}#{r['index']}", store.slide_id(i), r["index"]))
     return items
 
 
@@ -130,7 +139,7 @@ def bank_items(store: PatchRows, bank: BankCrops, max_crops: int, seed: int, lim
             return pixels, f"{bank.path.name}#{row}"
 
         crops = place_crops(r["map"], pick, max_crops, rng, min_side)
-        items.append(SynthesisItem(f"{i:06d}", r["map"], crops, seed + i, f"{store.path.name}#{r['index']}", store.slide_id(i)))
+        items.append(SynthesisItem(f"{i:06d}", r["map"], crops, seed + i, f"{store.path.name}#{r['index']}", store.slide_id(i), r["index"]))
     return items
 
 
@@ -223,7 +232,8 @@ def synthesize(
         raise HistopipeError("nothing to synthesize: no maps were given or found")
     out_dir = Path(out_dir)
     size = pipe.image_size
-    known = None if pipe.map_encoder is None else pipe.map_encoder.level_num_labels[min(s.level, len(pipe.map_encoder.level_num_labels) - 1)]
+    enc = pipe.condition_encoder
+    known = None if enc is None else enc.level_num_labels[min(s.level, len(enc.level_num_labels) - 1)]
     for it in items:
         if it.map.shape != (size, size):
             raise HistopipeError(f"{it.map_source}: map is {it.map.shape[1]}×{it.map.shape[0]} px; the model makes {size}×{size} px images")
@@ -287,10 +297,12 @@ def _manifest_rows(items: list[SynthesisItem], s: SynthesisSettings, write_png: 
 
 def _assemble(pipe, items, out_dir: Path, s: SynthesisSettings, meta: dict, level_luts) -> Path:
     n, size = len(items), pipe.image_size
-    max_crops = max(int(pipe.config.max_crops), 1)
+    # Crops are recorded even for variants that do not read them (their crop fidelity is the
+    # null level of the measure).
+    max_crops = max([int(pipe.config.max_crops), 1] + [len(it.crops) for it in items])
     num_labels = int(max(it.map.max() for it in items)) + 1
-    if pipe.map_encoder is not None:
-        num_labels = max(num_labels, int(pipe.map_encoder.level_num_labels[s.level]))
+    if pipe.condition_encoder is not None:
+        num_labels = max(num_labels, int(pipe.condition_encoder.level_num_labels[s.level]))
     label_names = list(pipe.config.label_names)
     with atomic_path(out_dir / "synthetic.zarr") as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -307,6 +319,13 @@ def _assemble(pipe, items, out_dir: Path, s: SynthesisSettings, meta: dict, leve
         for i, it in enumerate(items):
             for k, c in enumerate(it.crops[:max_crops]):
                 boxes[i, k], labels[i, k], valid[i, k] = c.box, c.label, True
+        canvas = g.create_array("crop_canvas", shape=(n, size, size, 3), chunks=(1, size, size, 3), dtype="uint8")
+        for i, it in enumerate(items):
+            pasted = np.zeros((size, size, 3), np.uint8)
+            for c in it.crops[:max_crops]:
+                y0, x0, side = c.box
+                pasted[y0 : y0 + side, x0 : x0 + side] = c.pixels
+            canvas[i] = pasted
         g.create_array("crop_boxes", data=boxes)
         g.create_array("crop_labels", data=labels)
         g.create_array("crop_valid", data=valid)
@@ -323,6 +342,7 @@ def _assemble(pipe, items, out_dir: Path, s: SynthesisSettings, meta: dict, leve
         g.create_array("coords", data=np.zeros((n, 2), np.int64))
         g.create_array("split", data=np.zeros(n, np.uint8))
         g.create_array("seed", data=np.array([it.seed for it in items], np.int64))
+        g.create_array("source_index", data=np.array([it.source_index for it in items], np.int64))
         present = np.zeros((n, num_labels), bool)
         for i, it in enumerate(items):
             present[i, np.unique(it.map)] = True
