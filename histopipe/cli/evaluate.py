@@ -1,4 +1,5 @@
-"""``histopipe evaluate-distribution | evaluate-segmentation | ablation-table | figures``.
+"""``histopipe evaluate-distribution | evaluate-segmentation | evaluate-fidelity |
+ablation-table | figures``.
 
 Settings come from the ``evaluation`` section of the config (``--config``; schema defaults
 without it); the few flags here name inputs and outputs or override what a rule varies.
@@ -66,8 +67,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", help="row name in the ablation table (default: store attrs, or `real`)")
     p.add_argument("--seed", type=int, help="overrides evaluation.seed")
     p.add_argument("--out", required=True, metavar="JSON", help="scores JSON to write")
+    p.add_argument("--model-out", metavar="PT",
+                   help="also save the trained segmenter (the real arm scores label fidelity)")
     _add_config(p)
     p.set_defaults(func=run_segmentation)
+
+    p = sub.add_parser(
+        "evaluate-fidelity",
+        help="label fidelity (does an image follow its map?) and crop fidelity (does it use its crops?)",
+        description=(
+            "Label fidelity: the real-arm segmenter (evaluate-segmentation --mode real --model-out) "
+            "on every synthetic image, scored against the map it was generated from (mIoU, mDice, "
+            "pixel accuracy). Crop fidelity: cosine similarity in evaluation.fidelity_encoder between "
+            "each conditioning crop and a square of its synthesised region, over the same for a "
+            "random crop of the tissue type from another slide (crop bank); also with the crop's "
+            "own box cut out of the region."
+        ),
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--synthetic", metavar="SYN.zarr", help="synthetic store (histopipe synthesize)")
+    g.add_argument("--reference", action="store_true",
+                   help="score the real evaluation.real_split patches with their own crops instead (row `real`)")
+    p.add_argument("--real", required=True, metavar="PATCHES.zarr", help="the training-patch store (label levels)")
+    p.add_argument("--segmenter", required=True, metavar="PT", help="real-arm segmenter file")
+    p.add_argument("--crop-bank", required=True, metavar="BANK.zarr", help="crop bank of the patch store")
+    p.add_argument("--variant", help="row name in the ablation table (default: store attrs)")
+    p.add_argument("--out", required=True, metavar="JSON", help="scores JSON to write")
+    _add_config(p)
+    p.set_defaults(func=run_fidelity)
 
     p = sub.add_parser(
         "ablation-table",
@@ -79,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--inputs", required=True, nargs="+", metavar="JSON",
-                   help="outputs of evaluate-distribution and evaluate-segmentation")
+                   help="outputs of evaluate-distribution, evaluate-fidelity and evaluate-segmentation")
     p.add_argument("--out", required=True, action="append", metavar="FILE",
                    help="table to write; format from the suffix (.tsv .md .html .png); repeatable")
     _add_config(p)
@@ -103,6 +130,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", required=True, metavar="PNG")
     _add_config(g)
     g.set_defaults(func=run_grid)
+    v = fig.add_parser(
+        "variants",
+        help="the variants side by side on the same held-out maps",
+        description="Rows of [real patch | its map | the crops given | one sample per synthetic store] for held-out maps common to all stores.",
+    )
+    v.add_argument("--real", required=True, metavar="PATCHES.zarr")
+    v.add_argument("--synthetic", required=True, nargs="+", metavar="SYN.zarr", help="held-out synthetic stores, one per variant")
+    v.add_argument("--n", type=int, help="rows (default: evaluation.grid_samples)")
+    v.add_argument("--out", required=True, metavar="PNG")
+    _add_config(v)
+    v.set_defaults(func=run_variants)
     m = fig.add_parser(
         "metrics",
         help="bar panels of one metric from an ablation table",
@@ -144,7 +182,19 @@ def run_segmentation(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, args.config_json).with_overrides(seed=args.seed)
     result = evaluate_segmentation(args.mode, args.train_real, args.train_synthetic, settings,
-                                   variant=args.variant)
+                                   variant=args.variant, model_out=args.model_out)
+    write_json(args.out, result)
+    return 0
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    from histopipe.evaluation.fidelity import evaluate_fidelity
+    from histopipe.evaluation.outputs import write_json
+    from histopipe.evaluation.settings import load_settings
+
+    settings = load_settings(args.config, args.config_json)
+    result = evaluate_fidelity(None if args.reference else args.synthetic, args.real, args.segmenter, args.crop_bank,
+                               settings, variant=args.variant)
     write_json(args.out, result)
     return 0
 
@@ -168,6 +218,18 @@ def run_grid(args: argparse.Namespace) -> int:
     synthetic = ImageSet.open(args.synthetic)
     n = args.n or settings.grid_samples
     save_png(grid_from_stores(real, synthetic, n, settings.seed), Path(args.out))
+    return 0
+
+
+def run_variants(args: argparse.Namespace) -> int:
+    from histopipe.evaluation.features import ImageSet
+    from histopipe.evaluation.figures import save_png, variants_grid
+    from histopipe.evaluation.settings import load_settings
+
+    settings = load_settings(args.config, args.config_json)
+    synthetic = [ImageSet.open(p) for p in args.synthetic]
+    grid = variants_grid(ImageSet.open(args.real, "all"), synthetic, args.n or settings.grid_samples, settings.seed)
+    save_png(grid, Path(args.out))
     return 0
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("plot-training", help="training loss curve (PNG) from a model's TensorBoard logs",
-                       description="Plot the training loss against the optimiser step from the TensorBoard event files under WORK (a train-vae / train-ldm output folder).")
+    t = sub.add_parser("plot-training", help="training curves (PNG): loss and progress metrics of a model",
+                       description="Plot the training loss against the optimiser step from the TensorBoard event files under WORK (a train-vae / train-ldm output folder), beside the progress evaluations of WORK/progress.jsonl (FD and label fidelity of samples, or reconstruction PSNR).")
     t.add_argument("work", type=Path, help="training output folder (holds logs/)")
     t.add_argument("--out", type=Path, required=True, help="output PNG")
     t.add_argument("--title", default=None, help="figure title")
@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    from histopipe.report import loss_curve_png
+    from histopipe.report import training_curves_png
 
-    loss_curve_png(args.work, args.out, args.title)
+    training_curves_png(args.work, args.out, args.title)
     return 0
 
 

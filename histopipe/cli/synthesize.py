@@ -109,7 +109,10 @@ def run_synthesize(args: argparse.Namespace) -> int:
         level_luts = store.level_luts
         meta.update(dataset=str(args.dataset), split=args.split)
         if args.mode == "held-out":
-            items = syn.held_out_items(store, max_crops, s.seed, s.limit, s.level)
+            # Variants that read no crops still record the map's own crops (provenance, and
+            # the null level of crop fidelity).
+            crops = max_crops or int(store.root.attrs.get("max_crops", 0))
+            items = syn.held_out_items(store, crops, s.seed, s.limit, s.level, s.held_out_repeats)
         else:
             if args.crop_bank is None:
                 raise HistopipeError("--mode crop-bank needs --crop-bank")

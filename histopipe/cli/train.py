@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train-vae",
         help="train the autoencoder (AutoencoderKL) on the training patches",
         description=(
-            "Train an AutoencoderKL (config section `vae`) on the train split of a patch store; "
-            "with vae.pretrained set, copy that frozen VAE to OUT/model instead."
+            "Train an AutoencoderKL (config section `vae`: L1 + perceptual + KL, and a patch "
+            "discriminator after vae.disc_start) on the train split of a patch store; with "
+            "vae.pretrained set, copy that frozen VAE to OUT/model instead. Either way the latent "
+            "scaling factor is measured on the store's patches."
         ),
     )
     p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr (train split trains, val split gives sample grids)")
@@ -50,16 +52,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, required=True, help="training-patch store patches.zarr")
     p.add_argument("--vae", type=Path, required=True, help="AutoencoderKL folder (OUT/model of train-vae, or a pretrained diffusers VAE / pipeline folder)")
     p.add_argument("--out", type=Path, required=True, help=_OUT_HELP)
+    p.add_argument(
+        "--segmenter", type=Path,
+        help="real-arm segmenter (evaluate-segmentation --mode real --model-out): adds label fidelity to the progress evaluations",
+    )
     add_config_args(p)
     p.set_defaults(func=run_ldm)
 
 
-def _datasets(path: Path):
-    """Train split, the split that gives sample grids (val, else train) and the store's attributes."""
+def _datasets(path: Path, memory_mb: float):
+    """Train split, the split that gives sample grids and evaluations (val, else train) and the
+    store's attributes."""
     from histopipe.diffusion.data import open_training_set, store_info
 
     info = store_info(path)
-    train_set = open_training_set(path, "train")
+    train_set = open_training_set(path, "train", memory_mb)
     if len(train_set) == 0:
         raise HistopipeError(f"{path}: the train split is empty")
     val_set = open_training_set(path, "val")
@@ -68,19 +75,27 @@ def _datasets(path: Path):
 
 def run_vae(args: argparse.Namespace) -> int:
     from histopipe.diffusion.models import load_vae
+    from histopipe.diffusion.monitor import SampleMonitor
+    from histopipe.diffusion.pipeline import to_uint8
     from histopipe.diffusion.settings import vae_settings
-    from histopipe.diffusion.tasks import VAETask, reference_batch
+    from histopipe.diffusion.tasks import VAETask, reference_batch, set_latent_scaling
     from histopipe.diffusion.training import MODEL_DIR, train
 
     s = vae_settings(config_from_args(args))
+    train_set, val_set, info = _datasets(args.dataset, s.memory_mb)
+    scale_images = reference_batch(train_set, s.scale_samples, spread=True)["image"]
     if s.pretrained:
         vae = load_vae(s.pretrained)
+        before = vae.config.scaling_factor
+        factor = set_latent_scaling(vae, scale_images)
         with atomic_path(args.out / MODEL_DIR) as tmp:
             vae.save_pretrained(tmp)
-        log.info("copied the pretrained VAE %s to %s", s.pretrained, args.out / MODEL_DIR)
+        log.info("copied the pretrained VAE %s to %s (scaling factor %.5f measured on the patches; it shipped with %s)",
+                 s.pretrained, args.out / MODEL_DIR, factor, before)
         return 0
-    train_set, val_set, info = _datasets(args.dataset)
-    task = VAETask(s, info["patch_size"], reference_batch(val_set, 4), reference_batch(train_set, 64)["image"])
+    reference = reference_batch(val_set, max(s.eval_samples, 8), spread=True)
+    monitor = SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder) if s.eval_every else None
+    task = VAETask(s, info["patch_size"], reference, scale_images, monitor)
     result = train(task, train_set, s, args.out)
     log.info("VAE trained to step %d: %s", result.step, result.model_dir)
     return 0
@@ -88,16 +103,22 @@ def run_vae(args: argparse.Namespace) -> int:
 
 def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.models import load_vae
+    from histopipe.diffusion.monitor import SampleMonitor
+    from histopipe.diffusion.pipeline import to_uint8
     from histopipe.diffusion.settings import ldm_settings
     from histopipe.diffusion.tasks import LDMTask, reference_batch
     from histopipe.diffusion.training import train
 
     s = ldm_settings(config_from_args(args))
     vae = load_vae(args.vae)
-    train_set, val_set, info = _datasets(args.dataset)
+    train_set, val_set, info = _datasets(args.dataset, s.memory_mb)
+    reference = reference_batch(val_set, max(s.eval_samples, 8), spread=True)
+    monitor = None
+    if s.eval_every:
+        monitor = SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder, args.segmenter)
     task = LDMTask(
-        s, vae, info["patch_size"], info["level_luts"], reference_batch(val_set, 4),
-        label_names=info["label_names"], mpp=info.get("mpp"),
+        s, vae, info["patch_size"], info["level_luts"], reference,
+        label_names=info["label_names"], mpp=info.get("mpp"), monitor=monitor,
     )
     result = train(task, train_set, s, args.out)
     log.info("LDM (%s) trained to step %d: %s", s.variant, result.step, result.model_dir)

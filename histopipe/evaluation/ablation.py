@@ -1,11 +1,15 @@
-"""The ablation table: one row per synthesis variant, FD and k-NN metrics per encoder and
-downstream DeepLabv3+ scores, gathered from the per-variant metric JSON files.
+"""The ablation table: one row per synthesis variant, FD and k-NN metrics per encoder, label
+and crop fidelity, and downstream DeepLabv3+ scores, gathered from the per-variant JSON files.
 
 Column keys (TSV header) are machine-friendly: ``fd:<encoder>``, ``precision:<encoder>``,
-``recall:<encoder>``, ``density:<encoder>``, ``coverage:<encoder>``, ``miou`` / ``mdice``
-(model trained on the row's data alone: synthetic only, or real for the ``real`` row) and
-``miou_both`` / ``mdice_both`` (trained on real + synthetic). Markdown and HTML renderings
-use readable headers and mark the best value of each column.
+``recall:<encoder>``, ``density:<encoder>``, ``coverage:<encoder>``; ``label_miou`` /
+``label_accuracy`` (the real-arm segmenter on the row's images against their maps; the
+``real`` row holds its upper bound, the ``unconditional`` row the chance level);
+``crop_fidelity`` / ``crop_fidelity_outside`` (own-crop vs random-crop similarity ratio); ``miou`` /
+``mdice`` (model trained on the row's data alone: synthetic only, or real for the ``real``
+row) and ``miou_both`` / ``mdice_both`` (trained on real + synthetic). A metric that could not
+be computed is empty in the TSV and "n/a" in Markdown and HTML, with its reason in the notes.
+Markdown and HTML use readable headers and mark the best value of each column.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from histopipe.errors import HistopipeError
 from histopipe.evaluation.outputs import read_json, tsv_text
 
 DISTRIBUTION_METRICS = ("fd", "precision", "recall", "density", "coverage")
+FIDELITY_METRICS = ("label_miou", "label_accuracy", "crop_fidelity", "crop_fidelity_outside")
+SEGMENTATION_METRICS = ("miou", "mdice", "miou_both", "mdice_both")
 LOWER_IS_BETTER = ("fd",)
 NO_BEST = ("variant", "n_synthetic", "density")
 _PRETTY = {
     "fd": "FD", "precision": "precision", "recall": "recall", "density": "density",
     "coverage": "coverage", "miou": "mIoU", "mdice": "mDice",
     "miou_both": "mIoU real+syn", "mdice_both": "mDice real+syn", "n_synthetic": "n synthetic",
+    "label_miou": "label fidelity mIoU", "label_accuracy": "label fidelity acc.",
+    "crop_fidelity": "crop fidelity", "crop_fidelity_outside": "crop fidelity outside box",
 }
 _DIGITS = {"fd": 1, "n_synthetic": 0}
 
@@ -51,10 +59,11 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
     rows: dict[str, dict] = {}
     encoders: list[str] = []
     seg_cols: list[str] = []
+    fid_cols: list[str] = []
     notes: set[str] = set()
     for res in results:
         kind, variant = res.get("kind"), res.get("variant")
-        if kind not in ("distribution", "segmentation") or not variant:
+        if kind not in ("distribution", "segmentation", "fidelity") or not variant:
             raise HistopipeError(f"{res.get('_path', 'input')}: not a histopipe metrics file")
         row = rows.setdefault(variant, {"variant": variant})
 
@@ -70,9 +79,31 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
                     encoders.append(name)
                 for metric in DISTRIBUTION_METRICS:
                     put(f"{metric}:{name}", enc[metric])
+                for metric, reason in enc.get("reasons", {}).items():
+                    notes.add(f"{variant}, {metric} ({name}): n/a, {reason}")
             notes.add(
                 f"FD and k-NN metrics (k={res['knn_k']}, seed {res['seed']}) against "
                 f"{res['real']['n_used']} real {res['real']['split']} patches"
+            )
+        elif kind == "fidelity":
+            label, crop = res["label"], res["crop"]
+            values = {"label_miou": label.get("miou"), "label_accuracy": label.get("pixel_accuracy"),
+                      "crop_fidelity": crop.get("ratio"), "crop_fidelity_outside": crop.get("ratio_outside")}
+            for metric, value in values.items():
+                put(metric, value)
+                if metric not in fid_cols:
+                    fid_cols.append(metric)
+            for what, reason in (("label fidelity", label.get("reason")), ("crop fidelity", crop.get("reason")),
+                                 ("crop fidelity outside the box", crop.get("reason_outside"))):
+                if reason:
+                    notes.add(f"{variant}, {what}: n/a, {reason}")
+            notes.add(
+                f"Label fidelity: the real-arm segmenter on each synthetic image against its own map "
+                f"(real row: on the real test patches, the upper bound; unconditional row: the chance "
+                f"level). Crop fidelity: similarity ({crop.get('encoder')}) of each conditioning crop to "
+                "its synthesised region over that of a random crop of the type from another slide "
+                "(> 1: the crops are used; 'outside box': the crop's own box cut out of the region; "
+                "real row: the real patches with their own crops)"
             )
         else:
             suffix = "_both" if res["mode"] == "both" else ""
@@ -85,11 +116,12 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
                 f"DeepLabv3+ ({s['encoder']}, {s['steps']} steps x {s['batch_size']}, seed "
                 f"{res['seed']}) tested on {res['test']['n_used']} real test patches"
             )
-    seg_cols.sort(key=lambda c: ("miou", "mdice", "miou_both", "mdice_both").index(c))
+    seg_cols.sort(key=SEGMENTATION_METRICS.index)
+    fid_cols.sort(key=FIDELITY_METRICS.index)
     columns = ["variant"]
     if encoders:
         columns.append("n_synthetic")
-    columns += [f"{m}:{e}" for m in DISTRIBUTION_METRICS for e in encoders] + seg_cols
+    columns += [f"{m}:{e}" for m in DISTRIBUTION_METRICS for e in encoders] + fid_cols + seg_cols
     ranked = [v for v in order if v in rows]
     ranked += [v for v in rows if v not in ranked and v != "real"]
     if "real" in rows and "real" not in ranked:
@@ -114,7 +146,7 @@ def header(column: str) -> str:
 
 def _cell(column: str, value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
+        return "n/a"
     if isinstance(value, str):
         return value
     digits = _DIGITS.get(column.partition(":")[0], 3)

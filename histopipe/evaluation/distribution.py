@@ -57,25 +57,33 @@ def evaluate_distribution(
         syn_stats, syn_feats = embed_set(
             encoder, synthetic, settings.batch_size, keep, settings.seed + 1
         )
-        fd = frechet_distance_stats(real_stats.stats(), syn_stats.stats())
-        manifold = prdc(real_feats, syn_feats, k=settings.knn_k, device=device)
+        reasons: dict[str, str] = {}
+        fd = None
+        if min(real_stats.n, syn_stats.n) < 2:
+            reasons["fd"] = f"a covariance needs 2 images per set; {real_stats.n} real, {syn_stats.n} synthetic"
+        else:
+            fd = frechet_distance_stats(real_stats.stats(), syn_stats.stats())
+        k = settings.knn_k
+        manifold = {m: None for m in ("precision", "recall", "density", "coverage")}
+        if min(len(real_feats), len(syn_feats)) <= k:
+            why = f"k-NN radii with k={k} need more than {k} images per set; {len(real_feats)} real, {len(syn_feats)} synthetic"
+            reasons.update({m: why for m in manifold})
+        else:
+            manifold = prdc(real_feats, syn_feats, k=k, device=device).to_dict()
         results[name] = {
             "dim": int(encoder.dim),
             "weights_sha256": getattr(encoder, "weights_sha256", None),
             "weights": settings.encoder_weights.get(name),
             "n_real": real_stats.n,
             "n_synthetic": syn_stats.n,
-            "n_manifold_real": manifold.n_real,
-            "n_manifold_synthetic": manifold.n_synthetic,
+            "n_manifold_real": len(real_feats),
+            "n_manifold_synthetic": len(syn_feats),
             "fd": fd,
-            "precision": manifold.precision,
-            "recall": manifold.recall,
-            "density": manifold.density,
-            "coverage": manifold.coverage,
+            **{m: manifold[m] for m in ("precision", "recall", "density", "coverage")},
+            "reasons": reasons,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        log.info("%s: %s FD %.2f precision %.3f recall %.3f", variant, name, fd,
-                 manifold.precision, manifold.recall)
+        log.info("%s: %s FD %s precision %s recall %s", variant, name, fd, manifold["precision"], manifold["recall"])
         del encoder
     return {
         "kind": "distribution",

@@ -176,8 +176,9 @@ def grid_from_stores(real, synthetic, n: int, seed: int = 0) -> Image.Image:
     syn = synthetic.subset(n, seed)
     syn_images, syn_maps = syn.read(syn.indices, maps=True)
     syn_group = open_store(synthetic.path)
-    if "source_index" in syn_group:
-        real_rows = np.asarray(syn_group["source_index"].oindex[syn.indices], dtype=np.int64)
+    sources = np.asarray(syn_group["source_index"].oindex[syn.indices], dtype=np.int64) if "source_index" in syn_group else None
+    if sources is not None and (sources >= 0).all():
+        real_rows = sources
         how = "real = the patch whose map conditioned the sample"
     else:
         real_rows = real.subset(len(syn), seed + 1).indices[: len(syn)]
@@ -190,3 +191,48 @@ def grid_from_stores(real, synthetic, n: int, seed: int = 0) -> Image.Image:
     variant = synthetic.attrs.get("variant", synthetic.path.stem)
     return real_vs_synthetic_grid(real_images, real_maps, syn_images, syn_maps, num_labels,
                                   names, title=f"{variant}: {how}")
+
+
+def variants_grid(real, synthetic: Sequence, n: int, seed: int = 0, tile: int = 128) -> Image.Image:
+    """The variants side by side on the same held-out maps: rows of [real patch | its map |
+    the crops given | one sample per synthetic store]. ``real``: the patch store's ``ImageSet``;
+    ``synthetic``: ``ImageSet``s of held-out synthesis (``source_index``, ``crop_canvas``),
+    whose first sample of each of ``n`` seeded random maps common to all is shown."""
+    from histopipe.evaluation.features import open_store
+
+    groups = [open_store(s.path) for s in synthetic]
+    for s, g in zip(synthetic, groups, strict=True):
+        if "source_index" not in g:
+            raise HistopipeError(f"{s.path}: no `source_index` (not a held-out synthetic store)")
+    firsts = []
+    for g in groups:
+        src = np.asarray(g["source_index"][:], dtype=np.int64)
+        rows, first = np.unique(src, return_index=True)
+        firsts.append(dict(zip(rows.tolist(), first.tolist(), strict=True)))
+    common = sorted(set.intersection(*(set(f) for f in firsts)) - {-1})
+    if not common:
+        raise HistopipeError("the synthetic stores share no held-out map")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(common, size=min(n, len(common)), replace=False).tolist())
+    real_images, real_maps = real.read(np.asarray(chosen), maps=True)
+    real_group = open_store(real.path)
+    palette = tissue_palette(int(real_group.attrs.get("num_labels", int(real_maps.max()) + 1)))
+    names = ["real", "map", "crops"] + [str(s.attrs.get("variant", s.path.stem)) for s in synthetic]
+    gap, top = 4, 26
+    font = _font(14)
+    canvas = Image.new("RGB", (len(names) * (tile + gap) + gap, top + len(chosen) * (tile + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, name in enumerate(names):
+        draw.text((gap + col * (tile + gap), 4), name, fill="black", font=font)
+    crops_group = next((g for g in groups if "crop_canvas" in g), None)
+    for r, row in enumerate(chosen):
+        panels = [_tile(real_images[r], tile, False), _tile(colour_map(real_maps[r], palette), tile, True)]
+        if crops_group is not None:
+            i = firsts[groups.index(crops_group)][row]
+            panels.append(_tile(np.asarray(crops_group["crop_canvas"][i]), tile, True))
+        else:
+            panels.append(Image.new("RGB", (tile, tile), "white"))
+        panels += [_tile(np.asarray(g["images"][f[row]]), tile, False) for g, f in zip(groups, firsts, strict=True)]
+        for col, panel in enumerate(panels):
+            canvas.paste(panel, (gap + col * (tile + gap), top + r * (tile + gap)))
+    return canvas

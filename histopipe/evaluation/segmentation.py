@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from histopipe import __version__
+from histopipe.atomic import atomic_path
 from histopipe.errors import HistopipeError, WeightsError
 from histopipe.evaluation.features import ImageSet, open_store
 from histopipe.evaluation.settings import (
@@ -250,24 +252,23 @@ def train_model(
 
 
 @torch.inference_mode()
-def confusion_matrix(
+def accumulate_confusion(
     model: nn.Module,
-    test: ImageSet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,
-    size: int,
-    batch_size: int,
     ignore_background: bool,
     device: torch.device,
+    source: str = "test",
 ) -> np.ndarray:
-    """Confusion counts int64 (C, C), rows = true label, columns = predicted, over all test
-    pixels at the label maps' resolution (background pixels left out when ignored)."""
-    loader = DataLoader(PatchPairs([test], size, None), batch_size=batch_size, shuffle=False)
+    """Confusion counts int64 (C, C), rows = true label, columns = predicted, over every pixel
+    of (network input (B, 3, s, s), labels int64 (B, t, t)) batches at the labels' resolution
+    (background pixels left out when ignored)."""
     model.to(device).eval()
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for images, labels in loader:
+    for images, labels in batches:
         labels = labels.to(device)
-        if int(labels.max()) >= num_classes:
-            raise HistopipeError(f"{test.path}: test labels exceed num_labels={num_classes}")
+        if labels.numel() and int(labels.max()) >= num_classes:
+            raise HistopipeError(f"{source}: labels reach {int(labels.max())} but the segmenter knows {num_classes} labels")
         logits = model(images.to(device))
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
@@ -279,6 +280,66 @@ def confusion_matrix(
         conf += torch.bincount(labels[valid] * num_classes + pred[valid],
                                minlength=num_classes * num_classes)
     return conf.view(num_classes, num_classes).cpu().numpy()
+
+
+def confusion_matrix(
+    model: nn.Module,
+    test: ImageSet,
+    num_classes: int,
+    size: int,
+    batch_size: int,
+    ignore_background: bool,
+    device: torch.device,
+) -> np.ndarray:
+    """``accumulate_confusion`` over the images and maps of an image set."""
+    loader = DataLoader(PatchPairs([test], size, None), batch_size=batch_size, shuffle=False)
+    return accumulate_confusion(model, loader, num_classes, ignore_background, device, str(test.path))
+
+
+@dataclass
+class Segmenter:
+    """A trained DeepLabv3+ with what is needed to apply it: label count, network input size
+    (px), whether background is scored, and the label names of its store."""
+
+    model: nn.Module
+    num_classes: int
+    size: int
+    ignore_background: bool
+    label_names: list[str]
+    encoder: str
+
+    def confusion(self, images: np.ndarray, maps: np.ndarray, device: torch.device, batch_size: int = 32, source: str = "images") -> np.ndarray:
+        """Confusion (C, C) of its predictions on uint8 images (N, H, W, 3) against maps (N, H, W)."""
+        def batches():
+            for start in range(0, len(images), batch_size):
+                x = torch.stack([to_network_input(torch.from_numpy(np.ascontiguousarray(im)), self.size) for im in images[start : start + batch_size]])
+                yield x, torch.from_numpy(np.asarray(maps[start : start + batch_size], dtype=np.int64))
+
+        return accumulate_confusion(self.model, batches(), self.num_classes, self.ignore_background, device, source)
+
+
+def save_segmenter(seg: Segmenter, path: str | Path) -> None:
+    """One file: the weights and what ``load_segmenter`` needs to rebuild and apply them."""
+    meta = {k: getattr(seg, k) for k in ("num_classes", "size", "ignore_background", "label_names", "encoder")}
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"meta": meta, "state_dict": seg.model.state_dict()}, tmp)
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
+    path = Path(path)
+    if not path.is_file():
+        raise HistopipeError(f"{path}: segmenter file not found (written by evaluate-segmentation --mode real)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta = saved["meta"]
+    except Exception as err:
+        raise HistopipeError(f"{path}: not a segmenter file ({type(err).__name__}: {err})") from None
+    import segmentation_models_pytorch as smp
+
+    model = smp.DeepLabV3Plus(encoder_name=meta["encoder"], encoder_weights=None, classes=int(meta["num_classes"]))
+    model.load_state_dict(saved["state_dict"])
+    return Segmenter(model.to(device).eval(), int(meta["num_classes"]), int(meta["size"]), bool(meta["ignore_background"]),
+                     list(meta["label_names"] or []), meta["encoder"])
 
 
 def segmentation_scores(
@@ -329,9 +390,12 @@ def evaluate_segmentation(
     synthetic_path: str | Path | None,
     settings: EvaluationSettings,
     variant: str | None = None,
+    model_out: str | Path | None = None,
 ) -> dict:
     """Train DeepLabv3+ on ``mode`` data (real | synthetic | both) and score it on the real
-    test split; the returned dict is what ``evaluate-segmentation`` writes as JSON."""
+    test split; the returned dict is what ``evaluate-segmentation`` writes as JSON. With
+    ``model_out`` the trained model is saved there (``load_segmenter``): the real arm is the
+    segmenter that scores the label fidelity of synthetic images."""
     if mode not in SEGMENTATION_MODES:
         raise HistopipeError(f"mode must be one of {SEGMENTATION_MODES}, got {mode!r}")
     if mode != "real" and synthetic_path is None:
@@ -372,6 +436,8 @@ def evaluate_segmentation(
                             seg.ignore_background, device)
     t2 = time.perf_counter()
     scores = segmentation_scores(conf, seg.ignore_background, label_names)
+    if model_out is not None:
+        save_segmenter(Segmenter(model.cpu(), num_classes, size, seg.ignore_background, label_names or [], seg.encoder), model_out)
     log.info("%s (%s): mIoU %.3f, mDice %.3f", variant, mode, scores["miou"], scores["mdice"])
     return {
         "kind": "segmentation",

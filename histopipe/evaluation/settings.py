@@ -53,6 +53,9 @@ class EvaluationSettings:
     batch_size: int = 64
     variants: tuple[str, ...] = ("unconditional", "map", "map_crop_embeddings", "map_crops")
     grid_samples: int = 8
+    fidelity_encoder: str = "efficientnet_lite0"
+    fidelity_min_side: int = 8
+    fidelity_max_pairs: int | None = 300
     segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
 
     def __post_init__(self):
