@@ -246,3 +246,41 @@ def score_image(
     acc = NucleiScores(num_classes)
     acc.update(true, instance_classes(true, true_semantic), pred, instance_classes(pred, pred_semantic))
     return acc.result()
+
+
+@dataclass
+class PointScores:
+    """Do synthesised nuclei land on the requested points? Centroids of the nuclei found in
+    the synthesised labels are matched one-to-one to the requested points (the assignment of
+    least total distance among pairs at most ``radius`` px apart); detection F1 over all images
+    and the share of matched nuclei that carry the requested class."""
+
+    radius: float = 6.0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    class_correct: int = 0
+
+    def update(self, requested: np.ndarray, found: np.ndarray) -> None:
+        """Rows ``(y, x, class)`` of the requested points and of the found nuclei of one image."""
+        from scipy.optimize import linear_sum_assignment
+
+        requested = np.asarray(requested, dtype=np.float64).reshape(-1, 3)
+        found = np.asarray(found, dtype=np.float64).reshape(-1, 3)
+        matched = []
+        if len(requested) and len(found):
+            d = np.hypot(requested[:, None, 0] - found[None, :, 0], requested[:, None, 1] - found[None, :, 1])
+            cost = np.where(d <= self.radius, d, 1e6)
+            rows, cols = linear_sum_assignment(cost)
+            matched = [(r, c) for r, c in zip(rows, cols, strict=True) if d[r, c] <= self.radius]
+        self.tp += len(matched)
+        self.fn += len(requested) - len(matched)
+        self.fp += len(found) - len(matched)
+        self.class_correct += sum(int(requested[r, 2] == found[c, 2]) for r, c in matched)
+
+    def result(self) -> dict:
+        return {
+            "f1": _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "class_accuracy": _ratio(self.class_correct, self.tp),
+            "tp": self.tp, "fp": self.fp, "fn": self.fn, "radius": self.radius,
+        }

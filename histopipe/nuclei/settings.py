@@ -79,6 +79,7 @@ class NucleiTrainSettings(TrainLoopSettings):
     ema_decay: float = 0.9999
     lr_schedule: str = "cosine"
     sample_steps: int = 25
+    eval_samples: int = 16
 
 
 @dataclass(frozen=True)

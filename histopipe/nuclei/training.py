@@ -52,8 +52,12 @@ def train_nuclei_dataset(
     out_dir: str | Path,
     vae: AutoencoderKL | None = None,
     text: tuple | None = None,
+    held_out: Dataset | None = None,
 ) -> Path:
-    """Train on any dataset of Part A's tensor dicts; returns the pipeline folder ``out_dir/model``."""
+    """Train on any dataset of Part A's tensor dicts; returns the pipeline folder ``out_dir/model``.
+
+    ``held_out`` (default: the training set) gives the sample grids and the progress
+    evaluations (placement F1 and class accuracy, every ``eval_every`` steps)."""
     out_dir = Path(out_dir)
     if m.space == "latent" and vae is None:
         raise ConfigError("config.nuclei.model.space is latent: a VAE is needed")
@@ -62,7 +66,7 @@ def train_nuclei_dataset(
     item = dataset[0]
     if item["image"].shape[-1] != m.image_size:
         raise ConfigError(f"config.nuclei.model.image_size={m.image_size} but the patches are {item['image'].shape[-1]} px")
-    reference = reference_batch(dataset, 4)
+    reference = reference_batch(held_out if held_out is not None and len(held_out) else dataset, max(s.eval_samples, 4), spread=True)
     common = dict(class_names=class_names, tissue_names=tissue_names, reference=reference, vae=vae if m.space == "latent" else None, text=text)
     if m.mode == "joint":
         task = JointTask(m, s, **common)
@@ -90,7 +94,11 @@ def train_nuclei(cfg: dict, store: str | Path, out_dir: str | Path, vae: str | P
         if path is None:
             raise ConfigError("config.nuclei.model.space is latent: set nuclei.model.vae_pretrained or train the workflow's VAE")
         vae_model = load_vae(path)
-    return train_nuclei_dataset(dataset, m, s, list(dataset.class_names), list(dataset.tissue_names), out_dir, vae_model)
+    # Nuclei stores split into train and test: the progress evaluations sample test point maps
+    # (no gradient ever sees them).
+    held_out = NucleiDataset(store, split="test")
+    return train_nuclei_dataset(dataset, m, s, list(dataset.class_names), list(dataset.tissue_names), out_dir, vae_model,
+                                held_out=held_out)
 
 
 def load_nuclei_pipeline(model_dir: str | Path, device: str | torch.device | None = None) -> NucleiPipeline:
