@@ -9,9 +9,7 @@ does not depend on the weights.
     python benchmarks/diffusion.py                      # CUDA: base config at 256 and 512 px
     python benchmarks/diffusion.py --preset tiny --sizes 32 64 --threads 2   # CPU
 
-``base`` is the schema's default architecture (VAE 64-128-256-256, 8× downsampling; UNet
-128-256-512-512, 2 layers per level; 8 crop slots); ``tiny`` the CPU preset of
-config/diffusion_tiny.yaml.
+``--preset`` names a model preset of config/presets/ (``tiny``, ``cpu``, ``base``, ``large``).
 """
 
 from __future__ import annotations
@@ -28,19 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from histopipe.config import load_preset  # noqa: E402
 from histopipe.diffusion.conditioning import slots_from_image  # noqa: E402
 from histopipe.diffusion.models import build_vae  # noqa: E402
-from histopipe.diffusion.settings import LDMSettings, VAESettings  # noqa: E402
+from histopipe.diffusion.settings import ldm_settings, vae_settings  # noqa: E402
 from histopipe.diffusion.tasks import LDMTask  # noqa: E402
 
-PRESETS = {
-    "base": (VAESettings(), LDMSettings(augment_stain=0.05)),
-    "tiny": (
-        VAESettings(block_out_channels=(32, 64), layers_per_block=1),
-        LDMSettings(block_out_channels=(32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
-                    map_embed_dim=4, max_crops=4),
-    ),
-}
+PRESETS = ("tiny", "cpu", "base", "large")
 
 
 def synthetic_batch(n: int, size: int, max_crops: int, num_labels: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -74,7 +66,8 @@ def sync(device: torch.device) -> None:
 
 
 def bench_size(args, size: int, device: torch.device) -> dict[str, float]:
-    vae_s, ldm_s = PRESETS[args.preset]
+    cfg = load_preset(args.preset)
+    vae_s, ldm_s = vae_settings(cfg), ldm_settings(cfg)
     num_labels = 101  # 100 tissue types + background, as with the paper's TCGA clustering
     luts = np.arange(num_labels)[None]
     torch.manual_seed(0)
@@ -132,7 +125,7 @@ def bench_size(args, size: int, device: torch.device) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: base on CUDA, tiny on CPU)")
+    parser.add_argument("--preset", choices=PRESETS, help="model size (default: base on CUDA, tiny on CPU)")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px (default: 256 512 on CUDA, 32 64 on CPU)")
     parser.add_argument("--batch", type=int, default=8, help="training batch (images per step)")
     parser.add_argument("--sample-batch", type=int, default=4, help="images sampled together")

@@ -85,6 +85,19 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return validate(cfg, CONFIG_SCHEMA, str(path) if path else "config")
 
 
+PRESET_DIR = SCHEMA_DIR.parent.parent / "config" / "presets"
+
+
+def load_preset(name: str, overrides: dict | None = None) -> dict:
+    """The validated config of a model preset (``config/presets/<name>.yaml``: tiny, cpu,
+    base, large) over the schema defaults, with ``overrides`` merged over it."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"{path}: no preset {name!r} (presets: {', '.join(known) or 'none found'})")
+    return load_config(path, overrides)
+
+
 def json_overrides(text: str | None) -> dict | None:
     """Parse a ``--config-json`` argument (config sections as a JSON object)."""
     if not text:

@@ -85,7 +85,10 @@ def patches_id(mpp: float, patch_size: int, output_size: int | None = None) -> s
 EVAL_DISTRIBUTION = "{results}/evaluation/{dataset}/distribution/{variant}.json"
 EVAL_DISTRIBUTION_TSV = "{results}/evaluation/{dataset}/distribution/{variant}.tsv"
 EVAL_SEGMENTATION = "{results}/evaluation/{dataset}/segmentation/{mode}/{variant}.json"
+SEGMENTER = "{results}/evaluation/{dataset}/segmentation/real/segmenter.pt"
+EVAL_FIDELITY = "{results}/evaluation/{dataset}/fidelity/{variant}.json"
 EVAL_GRID_PNG = "{results}/evaluation/{dataset}/figures/{variant}.grid.png"
+EVAL_VARIANTS_PNG = "{results}/evaluation/{dataset}/figures/variants.png"
 ABLATION_TABLE = "{results}/evaluation/{dataset}/ablation.{ext}"
 ABLATION_FIGURE = "{results}/evaluation/{dataset}/figures/ablation_{metric}.png"
 

@@ -1,4 +1,5 @@
-"""Figures for the workflow report: training loss curves and hallucination-flag examples."""
+"""Figures for the workflow report: training curves (loss and progress metrics) and
+hallucination-flag examples."""
 
 from __future__ import annotations
 
@@ -41,15 +42,33 @@ def read_scalars(work_dir: str | Path, tag: str = "loss") -> tuple[np.ndarray, n
     return steps, np.array([points[s] for s in steps])
 
 
-def loss_curve_png(work_dir: str | Path, out: str | Path, title: str | None = None) -> None:
-    """Training loss against optimiser step (raw and moving average), log-scaled."""
+# Progress metrics shown beside the loss, in this order, with their axis labels.
+PROGRESS_PANELS = {
+    "fd": "Fréchet distance of samples (lower is better)",
+    "label_miou": "label fidelity mIoU",
+    "label_accuracy": "label fidelity accuracy",
+    "psnr": "reconstruction PSNR (dB)",
+    "f1": "centroid F1 (6 px)",
+    "class_accuracy": "class accuracy of matched nuclei",
+}
+
+
+def training_curves_png(work_dir: str | Path, out: str | Path, title: str | None = None) -> None:
+    """Training loss against optimiser step (raw and moving average, log-scaled), and one panel
+    per progress metric of the run's evaluations (``progress.jsonl``: FD and label fidelity of
+    EMA samples for the LDM, PSNR for the VAE), so that a run that does not learn shows early."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from histopipe.diffusion.training import read_progress
+
     steps, loss = read_scalars(work_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    progress = read_progress(work_dir)
+    panels = [k for k in PROGRESS_PANELS if any(k in r for r in progress)]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 3.6 * len(panels), 3.2), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, loss, color="0.75", lw=0.8, label="loss")
     w = max(1, len(loss) // 20)
     if len(loss) > w:
@@ -61,6 +80,14 @@ def loss_curve_png(work_dir: str | Path, out: str | Path, title: str | None = No
         ax.set_yscale("log")
     ax.set_title(title or Path(work_dir).name)
     ax.legend(frameon=False)
+    for i, key in enumerate(panels, start=1):
+        points = [(r["step"], r[key]) for r in progress if key in r]
+        ax = axes[0, i]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", lw=1.4, ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(PROGRESS_PANELS[key])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     atomic_write_bytes(out, _figure_bytes(fig))
 
 

@@ -185,10 +185,19 @@ class Cohort:
         runs.append(("real", "real"))
         return runs
 
+    def crop_bank(self) -> str:
+        return paths.CROP_BANK.format(results=self.results, dataset=self.dataset_id)
+
+    def segmenter(self) -> str:
+        """The real-arm DeepLabv3+ model: the label-fidelity judge (evaluation and training)."""
+        return paths.SEGMENTER.format(results=self.results, dataset=self.dataset_id)
+
     def evaluation_outputs(self, kind: str) -> list[str]:
         r, d = self.results, self.dataset_id
         if kind == "distribution":
             return [paths.EVAL_DISTRIBUTION.format(results=r, dataset=d, variant=v) for v in self.variants]
+        if kind == "fidelity":  # the real row is the reference of both measures
+            return [paths.EVAL_FIDELITY.format(results=r, dataset=d, variant=v) for v in [*self.variants, "real"]]
         return [paths.EVAL_SEGMENTATION.format(results=r, dataset=d, mode=m, variant=v) for m, v in self.segmentation_runs()]
 
     def final_outputs(self) -> list[str]:
@@ -199,7 +208,7 @@ class Cohort:
             *self.map_batches(),
             self.montage(),
             paths.DATASET_INFO.format(results=r, dataset=d),
-            paths.CROP_BANK.format(results=r, dataset=d),
+            self.crop_bank(),
         ]
         for v in self.variants:
             out += [
@@ -240,5 +249,7 @@ class Cohort:
         """The ablation table (TSV, Markdown, HTML) and its figures."""
         r, d = self.results, self.dataset_id
         out = [paths.ABLATION_TABLE.format(results=r, dataset=d, ext=e) for e in ("tsv", "md", "html")]
-        out += [paths.ABLATION_FIGURE.format(results=r, dataset=d, metric=m) for m in ("fd", "precision", "recall", "miou")]
+        metrics = ("fd", "precision", "recall", "label_miou", "crop_fidelity", "miou")
+        out += [paths.ABLATION_FIGURE.format(results=r, dataset=d, metric=m) for m in metrics]
+        out.append(paths.EVAL_VARIANTS_PNG.format(results=r, dataset=d))
         return out

@@ -19,9 +19,11 @@ def snakemake(workdir: Path, *args, timeout: int = 1200, profile: str = "profile
               demo: bool = True, extra_configs: tuple = ()) -> subprocess.CompletedProcess:
     """Run the real workflow (this checkout's Snakefile) with ``workdir`` as working directory.
 
-    ``demo`` lays config/demo.yaml (demo-scale settings) over config/config.yaml.
+    ``demo`` lays config/demo.yaml (demo-scale cohort settings) and the tiny model preset over
+    config/config.yaml.
     """
-    configs = [str(ROOT / "config" / "config.yaml")] + ([str(ROOT / "config" / "demo.yaml")] if demo else [])
+    demo_configs = [str(ROOT / "config" / "demo.yaml"), str(ROOT / "config" / "presets" / "tiny.yaml")]
+    configs = [str(ROOT / "config" / "config.yaml")] + (demo_configs if demo else [])
     configs += [str(c) for c in extra_configs]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
            "--profile", str(ROOT / profile), *map(str, args), "--configfile", *configs]

@@ -199,9 +199,19 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
         assert syn["images"].shape == (n_test, 64, 64, 3) and syn["maps"].shape == (n_test, 64, 64)
         dist = json.loads((results / "evaluation" / name / "distribution" / f"{variant}.json").read_text())
         assert json.dumps(dist).count("efficientnet_lite0") >= 1
+        # Progress evaluations at steps 3 and 6: FD, and label fidelity from the real-arm segmenter.
+        progress = [json.loads(line) for line in (model.parent / "progress.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in progress] == [3, 6] and all("fd" in p and "label_miou" in p for p in progress)
+        fidelity = json.loads((results / "evaluation" / name / "fidelity" / f"{variant}.json").read_text())
+        assert fidelity["label"]["n_images"] == n_test and fidelity["crop"]["n_pairs"] > 0
+    assert (results / "evaluation" / name / "segmentation" / "real" / "segmenter.pt").is_file()
+    assert (results / "evaluation" / name / "figures" / "variants.png").stat().st_size > 1000
     table = (results / "evaluation" / name / "ablation.tsv").read_text().splitlines()
-    assert table[0].startswith("variant") and "fd:efficientnet_lite0" in table[0] and "miou" in table[0]
+    header = table[0].split("\t")
+    assert header[0] == "variant" and {"fd:efficientnet_lite0", "miou", "label_miou", "crop_fidelity"} <= set(header)
     assert [row.split("\t")[0] for row in table[1:]] == ["unconditional", "map_crops", "real"]
+    real_row = dict(zip(header, table[-1].split("\t"), strict=True))
+    assert float(real_row["label_miou"]) == pytest.approx(float(real_row["miou"]), abs=1e-6)  # the upper bound
 
     # The self-contained HTML report.
     report = tmp_path / "report.html"

@@ -97,17 +97,18 @@ def ldm_config_json(wildcards):
     return json.dumps({"ldm": {**config["ldm"], "variant": wildcards.variant}})
 
 
-def segmentation_inputs(wildcards):
-    inputs = {"dataset": COHORT.dataset()}
-    if wildcards.mode != "real":
+
+
+def fidelity_inputs(wildcards):
+    """The synthetic store of a variant; none for the real reference row."""
+    inputs = {"dataset": COHORT.dataset(), "segmenter": COHORT.segmenter(), "crop_bank": COHORT.crop_bank()}
+    if wildcards.variant != "real":
         inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
     return inputs
 
 
-def segmentation_synthetic_flag(wildcards, input):
-    if wildcards.mode == "real":
-        return ""
-    return f"--train-synthetic {input.synthetic}"
+def fidelity_source(wildcards, input):
+    return "--reference" if wildcards.variant == "real" else f"--synthetic {input.synthetic}"
 
 
 def training_model(wildcards):

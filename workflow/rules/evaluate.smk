@@ -22,14 +22,42 @@ rule evaluate_distribution:
         "--config-json {params.cfg:q} > {log:q} 2>&1"
 
 
-rule evaluate_segmentation:
+# The real arm: DeepLabv3+ trained on real patches only. Its model judges the label fidelity
+# of synthetic images (and of samples during LDM training); its test score is the upper bound.
+rule train_segmenter:
     input:
-        unpack(segmentation_inputs),
+        dataset=COHORT.dataset(),
     output:
-        json=paths.EVAL_SEGMENTATION.format(results=R, dataset=DATASET, mode="{mode}", variant="{variant}"),
+        json=paths.EVAL_SEGMENTATION.format(results=R, dataset=DATASET, mode="real", variant="real"),
+        model=COHORT.segmenter(),
     params:
         cfg=config_json("evaluation"),
-        synthetic=segmentation_synthetic_flag,
+    log:
+        paths.LOG.format(results=R, rule="train_segmenter", name=DATASET),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="train_segmenter", name=DATASET)
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    shell:
+        "histopipe evaluate-segmentation --train-real {input.dataset:q} --mode real --variant real "
+        "--out {output.json:q} --model-out {output.model:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule evaluate_segmentation:
+    input:
+        dataset=COHORT.dataset(),
+        synthetic=paths.SYNTHETIC_STORE.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
+    output:
+        json=paths.EVAL_SEGMENTATION.format(results=R, dataset=DATASET, mode="{mode}", variant="{variant}"),
+    wildcard_constraints:
+        mode="synthetic|both",
+    params:
+        cfg=config_json("evaluation"),
     log:
         paths.LOG.format(results=R, rule="evaluate_segmentation", name=join_name(DATASET, "{mode}", "{variant}")),
     benchmark:
@@ -42,9 +70,32 @@ rule evaluate_segmentation:
         runtime=720,
         gpu=1,
     shell:
-        "histopipe evaluate-segmentation --train-real {input.dataset:q} {params.synthetic} "
+        "histopipe evaluate-segmentation --train-real {input.dataset:q} --train-synthetic {input.synthetic:q} "
         "--mode {wildcards.mode} --variant {wildcards.variant} --out {output.json:q} "
         "--config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+rule evaluate_fidelity:
+    input:
+        unpack(fidelity_inputs),
+    output:
+        json=paths.EVAL_FIDELITY.format(results=R, dataset=DATASET, variant="{variant}"),
+    params:
+        cfg=config_json("evaluation"),
+        source=fidelity_source,
+    log:
+        paths.LOG.format(results=R, rule="evaluate_fidelity", name=join_name(DATASET, "{variant}")),
+    threads: 2
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "histopipe evaluate-fidelity {params.source} --real {input.dataset:q} "
+        "--segmenter {input.segmenter:q} --crop-bank {input.crop_bank:q} --variant {wildcards.variant} "
+        "--out {output.json:q} --config-json {params.cfg:q} > {log:q} 2>&1"
 
 
 rule plot_real_vs_synthetic:
@@ -73,9 +124,35 @@ rule plot_real_vs_synthetic:
         "--out {output.png:q} --config-json {params.cfg:q} > {log:q} 2>&1"
 
 
+rule plot_variants:
+    input:
+        synthetic=[COHORT.synthetic(v) for v in COHORT.variants],
+        dataset=COHORT.dataset(),
+    output:
+        png=report(
+            paths.EVAL_VARIANTS_PNG.format(results=R, dataset=DATASET),
+            caption="../report/variants.rst",
+            category="Real vs synthetic",
+        ),
+    params:
+        cfg=config_json("evaluation"),
+    log:
+        paths.LOG.format(results=R, rule="plot_variants", name=DATASET),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "histopipe figures variants --real {input.dataset:q} --synthetic {input.synthetic:q} "
+        "--out {output.png:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+
+
 rule tabulate_ablation:
     input:
         distribution=COHORT.evaluation_outputs("distribution"),
+        fidelity=COHORT.evaluation_outputs("fidelity"),
         segmentation=COHORT.evaluation_outputs("segmentation"),
     output:
         tsv=paths.ABLATION_TABLE.format(results=R, dataset=DATASET, ext="tsv"),
@@ -96,7 +173,7 @@ rule tabulate_ablation:
         mem_mb=2000,
         runtime=10,
     shell:
-        "histopipe ablation-table --inputs {input.distribution:q} {input.segmentation:q} "
+        "histopipe ablation-table --inputs {input.distribution:q} {input.fidelity:q} {input.segmentation:q} "
         "--out {output.tsv:q} --out {output.md:q} --out {output.html:q} "
         "--config-json {params.cfg:q} > {log:q} 2>&1"
 

@@ -30,6 +30,7 @@ rule train_ldm:
     input:
         dataset=COHORT.dataset(),
         vae=COHORT.vae_model(),
+        segmenter=COHORT.segmenter(),
     output:
         model=directory(paths.LDM_MODEL.format(results=R, dataset=DATASET, variant="{variant}")),
     params:
@@ -48,4 +49,4 @@ rule train_ldm:
         gpu=1,
     shell:
         "histopipe train-ldm --dataset {input.dataset:q} --vae {input.vae:q} --out {params.work:q} "
-        "--config-json {params.cfg:q} > {log:q} 2>&1"
+        "--segmenter {input.segmenter:q} --config-json {params.cfg:q} > {log:q} 2>&1"
