@@ -222,7 +222,7 @@ class CropTokenEncoder(ModelMixin, ConfigMixin, _LevelLabels):
     Args:
         feature_dim: width of the crop features (the frozen encoder's output).
         cross_attention_dim: token width (the UNet's cross-attention dim).
-        level_num_labels: as in SemanticMapEncoder.
+        level_num_labels: as in ConditionEncoder.
         feature_encoder: name of the frozen encoder the features come from (recorded so that
             synthesis embeds crops with the same one).
         feature_size: side (px) crops are resized to for that encoder (None: its input size).

@@ -60,6 +60,12 @@ class CropFeaturizer:
         crops = torch.cat([self._resize(slots.crop(i, j)[None].float(), size) for i, j in where])  # (N, 3, size, size)
         if self._encoder is None:
             feats = crops.flatten(1)
+        elif self.size:
+            # Encode at `size` itself: the registry's tile transform would resize to the
+            # encoder's input size (224 px for most), ~12x the work for 64 px crops.
+            uint8 = ((crops.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            with torch.inference_mode():
+                feats = self._encoder(self._encoder.normalize(uint8)).float()
         else:
             uint8 = ((crops.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
             feats = self._encoder.embed(uint8.to(self.device)).float()
