@@ -4,7 +4,9 @@ Fitting never holds the cohort in memory: k-means runs on a bounded, diversity-s
 subset (``histopipe.sampling``: at most ``per_slide_cap`` tiles per slide covering its
 embedding space, at most ``total_cap`` in all), drawn either from the embedding stores, one
 slide read at a time (``fit``), or from per-slide sample stores written by independent jobs
-(``fit_samples``, ``histopipe.slide_samples``); both give the same model.
+(``fit_samples``, ``histopipe.slide_samples``); both give the same model. The two-level fit
+(``histopipe.summaries``) counts every sampled tile instead, in memory that does not grow
+with the cohort, and writes the same model folder.
 
 Clusters whose within-cluster variance is far above the rest (``resplit_factor`` × the
 median) are split in two, and for every split the pair of clusters whose merge costs least
