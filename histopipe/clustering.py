@@ -4,7 +4,9 @@ Fitting never holds the cohort in memory: k-means runs on a bounded, diversity-s
 subset (``histopipe.sampling``: at most ``per_slide_cap`` tiles per slide covering its
 embedding space, at most ``total_cap`` in all), drawn either from the embedding stores, one
 slide read at a time (``fit``), or from per-slide sample stores written by independent jobs
-(``fit_samples``, ``histopipe.slide_samples``); both give the same model.
+(``fit_samples``, ``histopipe.slide_samples``); both give the same model. The two-level fit
+(``histopipe.summaries``) counts every sampled tile instead, in memory that does not grow
+with the cohort, and writes the same model folder.
 
 Clusters whose within-cluster variance is far above the rest (``resplit_factor`` × the
 median) are split in two, and for every split the pair of clusters whose merge costs least
@@ -66,6 +68,10 @@ class ClusterConfig:
     resplit_factor: float = 3.0
     model: str | None = None
     workers: int = 1
+    method: str = "two_level"
+    batch_centroids: int = 256
+    refine_passes: int = 2
+    refit: bool = False
     student: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,11 @@ class ClusterConfig:
             raise ConfigError(f"clustering.levels {list(self.levels)}: no level may exceed k = {self.k}")
         if self.normalize not in ("l2", "none"):
             raise ConfigError(f"clustering.normalize: 'l2' or 'none', got {self.normalize!r}")
+        if self.method not in ("two_level", "capped"):
+            raise ConfigError(f"clustering.method: 'two_level' or 'capped', got {self.method!r}")
+        if self.batch_centroids < 1 or self.refine_passes < 0:
+            raise ConfigError(f"clustering.batch_centroids must be >= 1 and refine_passes >= 0, got "
+                              f"{self.batch_centroids} and {self.refine_passes}")
 
     @property
     def spherical(self) -> bool:
@@ -88,8 +99,12 @@ class ClusterConfig:
 # --- k-means, re-split, hierarchy ----------------------------------------------------------
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, niter: int, spherical: bool, init: np.ndarray | None = None) -> np.ndarray:
-    """faiss k-means on all rows of ``x`` (float32 (n, D)); centroids float32 (k, D)."""
+def kmeans(
+    x: np.ndarray, k: int, seed: int, niter: int, spherical: bool, init: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """faiss k-means on all rows of ``x`` (float32 (n, D)), each row counted ``weights``
+    times (float (n,); None: once); centroids float32 (k, D)."""
     if len(x) < k:
         raise HistopipeError(f"k-means needs at least k = {k} sampled tiles, got {len(x)} (add slides or lower k)")
     km = faiss.Kmeans(
@@ -97,7 +112,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, spherical: bool, init: 
         # Use every sampled point: the cohort sample is already bounded by total_cap.
         max_points_per_centroid=math.ceil(len(x) / k) + 1, min_points_per_centroid=1,
     )
-    km.train(np.ascontiguousarray(x, dtype=np.float32), init_centroids=init)
+    w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+    km.train(np.ascontiguousarray(x, dtype=np.float32), weights=w, init_centroids=init)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
@@ -109,13 +125,26 @@ def nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return idx[:, 0].astype(np.int64), dist[:, 0]
 
 
-def cluster_stats(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cluster_stats(
+    x: np.ndarray, centroids: np.ndarray, weights: np.ndarray | None = None, sse: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Assignments (n,), member counts (k,) and within-cluster variance (k,): the mean
-    squared L2 distance of members to their centroid (0 for an empty cluster)."""
+    squared L2 distance of members to their centroid (0 for an empty cluster).
+
+    Rows may stand for groups of tiles (weighted sub-centroids): ``weights`` (n,) tiles per
+    row and ``sse`` (n,) their summed squared distance to the row, so that counts and
+    variances are those of the tiles. Without weights the counts are int64.
+    """
     labels, dist = nearest(x, centroids)
     k = len(centroids)
-    counts = np.bincount(labels, minlength=k)
-    sums = np.bincount(labels, weights=dist.astype(np.float64), minlength=k)
+    if weights is None:
+        counts = np.bincount(labels, minlength=k)
+        sums = np.bincount(labels, weights=dist.astype(np.float64), minlength=k)
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        counts = np.bincount(labels, weights=w, minlength=k)
+        spread = w * dist + (0.0 if sse is None else np.asarray(sse, dtype=np.float64))
+        sums = np.bincount(labels, weights=spread, minlength=k)
     return labels, counts, np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
 
 
@@ -143,7 +172,7 @@ def _merge_cheapest(c: np.ndarray, w: np.ndarray, forbid: set[frozenset[int]]) -
 
 def resplit(
     x: np.ndarray, centroids: np.ndarray, factor: float, seed: int, niter: int, spherical: bool,
-    max_rounds: int = MAX_RESPLIT_ROUNDS,
+    max_rounds: int = MAX_RESPLIT_ROUNDS, weights: np.ndarray | None = None, sse: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Split every cluster whose within-cluster variance exceeds ``factor`` × the median,
     then merge, once per split, the pair of clusters whose merge raises the total squared
@@ -151,6 +180,7 @@ def resplit(
     the same round. Repeated (at most ``max_rounds``) until no cluster is flagged, since one
     split can leave a half that still holds several modes.
 
+    Rows may be weighted sub-centroids (``weights``, ``sse`` as in ``cluster_stats``).
     Returns the new centroids (k, D) float32 and a record of every split. ``factor <= 0``
     disables the step.
     """
@@ -158,20 +188,22 @@ def resplit(
     if factor <= 0:
         return centroids, events
     for round_ in range(max_rounds):
-        labels, counts, var = cluster_stats(x, centroids)
+        labels, counts, var = cluster_stats(x, centroids, weights, sse)
+        rows = np.bincount(labels, minlength=len(centroids))  # a split needs two rows to share
         median = float(np.median(var[counts > 0])) if (counts > 0).any() else 0.0
-        flagged = [int(t) for t in np.argsort(-var) if var[t] > factor * median and counts[t] >= MIN_RESPLIT_MEMBERS]
+        flagged = [int(t) for t in np.argsort(-var)
+                   if var[t] > factor * median and counts[t] >= MIN_RESPLIT_MEMBERS and rows[t] >= 2]
         if not flagged:
             break
         events += [{"round": round_, "split": t, "variance": float(var[t]), "median_variance": median,
                     "members": int(counts[t])} for t in flagged]
-        centroids = _split_and_merge(x, centroids, labels, counts, flagged, seed + round_, niter, spherical)
+        centroids = _split_and_merge(x, centroids, labels, counts, flagged, seed + round_, niter, spherical, weights)
     return centroids, events
 
 
 def _split_and_merge(
     x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, counts: np.ndarray, flagged: list[int],
-    seed: int, niter: int, spherical: bool,
+    seed: int, niter: int, spherical: bool, weights: np.ndarray | None = None,
 ) -> np.ndarray:
     kept = [t for t in range(len(centroids)) if t not in flagged]
     c = [centroids[kept].astype(np.float64)]
@@ -180,10 +212,11 @@ def _split_and_merge(
     at = len(kept)
     for t in flagged:
         members = x[labels == t]
-        halves = kmeans(members, 2, seed + t, niter, spherical)
+        mw = None if weights is None else weights[labels == t]
+        halves = kmeans(members, 2, seed + t, niter, spherical, weights=mw)
         sub, _ = nearest(members, halves)
         c.append(halves.astype(np.float64))
-        w.append(np.bincount(sub, minlength=2).astype(np.float64))
+        w.append(np.bincount(sub, weights=mw, minlength=2).astype(np.float64))
         forbid.add(frozenset((at, at + 1)))
         at += 2
     c_all, w_all = np.vstack(c), np.maximum(np.concatenate(w), 1.0)
@@ -331,17 +364,28 @@ def fit_samples(paths: Sequence[str | Path], cfg: ClusterConfig) -> ClusterModel
     return fit_sample(cohort_from_samples(paths, cfg.per_slide_cap, cfg.total_cap, cfg.seed, cfg.normalize), cfg)
 
 
+def fit_points(
+    x: np.ndarray, cfg: ClusterConfig, weights: np.ndarray | None = None, sse: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """k-means and re-split on rows ``x`` (float32 (n, D)), optionally weighted sub-centroids
+    (``weights``, ``sse`` as in ``cluster_stats``): centroids (k, D), the re-split record and
+    the per-cluster variance before the re-split."""
+    centroids = kmeans(x, cfg.k, cfg.seed, cfg.niter, cfg.spherical, weights=weights)
+    _, _, var_before = cluster_stats(x, centroids, weights, sse)
+    centroids, events = resplit(x, centroids, cfg.resplit_factor, cfg.seed, cfg.niter, cfg.spherical,
+                                weights=weights, sse=sse)
+    if events:
+        log.info("re-split %d high-variance cluster(s); refining", len(events))
+        centroids = kmeans(x, cfg.k, cfg.seed, max(1, cfg.niter // 2), cfg.spherical, init=centroids, weights=weights)
+    return centroids, events, var_before
+
+
 def fit_sample(sample: CohortSample, cfg: ClusterConfig) -> ClusterModel:
     """k-means, re-split and Ward levels on a cohort sample; the model records its sizes."""
     shared = check_compatible(sample.stores)
     x = sample.features
     log.info("k-means: %d sampled tiles from %d slides, D=%d, k=%d", len(x), len(sample.stores), x.shape[1], cfg.k)
-    centroids = kmeans(x, cfg.k, cfg.seed, cfg.niter, cfg.spherical)
-    _, _, var_before = cluster_stats(x, centroids)
-    centroids, events = resplit(x, centroids, cfg.resplit_factor, cfg.seed, cfg.niter, cfg.spherical)
-    if events:
-        log.info("re-split %d high-variance cluster(s); refining", len(events))
-        centroids = kmeans(x, cfg.k, cfg.seed, max(1, cfg.niter // 2), cfg.spherical, init=centroids)
+    centroids, events, var_before = fit_points(x, cfg)
     _, counts, var = cluster_stats(x, centroids)
     luts = ward_level_luts(centroids, counts, cfg.levels)
     meta = {
@@ -364,6 +408,11 @@ def fit_sample(sample: CohortSample, cfg: ClusterConfig) -> ClusterModel:
         "cluster_variance": [round(float(v), 6) for v in var],
         "max_variance_before_resplit": float(var_before.max()),
         "resplit": events,
-        "config": json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "student"})),
+        "config": config_record(cfg),
     }
     return ClusterModel(centroids, luts, meta)
+
+
+def config_record(cfg: ClusterConfig) -> dict:
+    """The clustering settings as the model records them (JSON types)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "student"}))

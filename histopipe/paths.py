@@ -50,6 +50,7 @@ EMBEDDINGS = "{results}/embeddings/{encoder}/{tiling}/{slide}.zarr"
 # sheet order): one job writes the outputs of its batch's slides into batch-<NNNNN>/.
 CLUSTER_SAMPLE_BATCH = "{results}/clusters/{encoder}/{tiling}/samples/batch-{batch}"
 CLUSTER_SAMPLE = CLUSTER_SAMPLE_BATCH + "/{slide}.zarr"
+CLUSTER_SUMMARY = "{results}/clusters/{encoder}/{tiling}/summaries/batch-{batch}.zarr"
 CLUSTER_DIR = "{results}/clusters/{encoder}/{tiling}/k{k}"
 CLUSTER_MODEL = CLUSTER_DIR + "/model"
 CLUSTER_MONTAGE = CLUSTER_DIR + "/montage.png"

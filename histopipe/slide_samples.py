@@ -18,6 +18,7 @@ same sample as ``sampling.sample_cohort`` over the embedding stores with the sam
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +98,10 @@ def read_prefix(path: str | Path, q: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(group["rows"][:q], dtype=np.int64), np.asarray(group["features"][:q], dtype=np.float32)
 
 
-def cohort_from_samples(
-    paths: Sequence[str | Path], per_slide_cap: int, total_cap: int, seed: int, normalize: str,
-) -> CohortSample:
-    """The cohort sample from per-slide sample stores: each slide's prefix of its quota.
-
-    Reads only the sample stores, one at a time; memory is the cohort sample (at most
-    ``total_cap`` × D float32). Slides are ordered by slide id. The stores must have been
-    written with the given per_slide_cap, seed and normalize.
-    """
+def open_samples(paths: Sequence[str | Path], per_slide_cap: int, seed: int, normalize: str) -> list[SampleInfo]:
+    """Metadata of sample stores, ordered by slide id, checked to come from one encoder
+    (a clear error names two stores that do not), to hold distinct slides and to have been
+    written with the fit's per_slide_cap, seed and normalize."""
     samples = sorted((sample_info(p) for p in paths), key=lambda s: s.store.slide_id)
     infos = [s.store for s in samples]
     check_compatible(infos)
@@ -116,6 +112,40 @@ def cohort_from_samples(
         if have != want:
             raise HistopipeError(f"{info.path}: sampled with {have}, but the fit's clustering config has {want}; "
                                  "re-run sample-embeddings with the same clustering settings")
+    return samples
+
+
+def iter_sample_blocks(samples: Sequence[SampleInfo], block_rows: int = 16 * CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Every sampled row of every slide, as float32 (≤ block_rows, D) blocks, in slide order.
+
+    The next block is read (and decompressed) in a thread while the caller works on this
+    one; at most two blocks are in memory.
+    """
+    def read(job: tuple[Path, int, int]) -> np.ndarray:
+        path, start, stop = job
+        return np.asarray(zarr.open_group(path, mode="r")["features"][start:stop], dtype=np.float32)
+
+    jobs = ((s.store.path, a, min(a + block_rows, s.m)) for s in samples for a in range(0, s.m, block_rows))
+    with ThreadPoolExecutor(1) as pool:
+        ahead = None
+        for job in jobs:
+            current, ahead = ahead, pool.submit(read, job)
+            if current is not None:
+                yield current.result()
+        if ahead is not None:
+            yield ahead.result()
+
+
+def cohort_from_samples(
+    paths: Sequence[str | Path], per_slide_cap: int, total_cap: int, seed: int, normalize: str,
+) -> CohortSample:
+    """The cohort sample from per-slide sample stores: each slide's prefix of its quota.
+
+    Reads only the sample stores, one at a time; memory is the cohort sample (at most
+    ``total_cap`` × D float32). Slides are ordered by slide id. The stores must have been
+    written with the given per_slide_cap, seed and normalize.
+    """
+    infos = [s.store for s in open_samples(paths, per_slide_cap, seed, normalize)]
     quotas = slide_quotas([i.n for i in infos], per_slide_cap, total_cap)
 
     def prefixes() -> Iterator[tuple[np.ndarray, np.ndarray]]:

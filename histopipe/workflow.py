@@ -6,6 +6,7 @@ Kept out of the rule files so that it is unit-tested and the rules stay thin.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from histopipe import paths
 from histopipe.errors import ConfigError
@@ -85,6 +86,20 @@ class Cohort:
 
     def cluster_sample_batches(self) -> list[str]:
         return self._batch_dirs(paths.CLUSTER_SAMPLE_BATCH, encoder=self.encoder, tiling=self.tiling_id)
+
+    def cluster_summaries(self) -> list[str]:
+        """One summary store per batch (``clustering.method: two_level``)."""
+        return self._batch_dirs(paths.CLUSTER_SUMMARY, encoder=self.encoder, tiling=self.tiling_id)
+
+    @property
+    def fits_clusters(self) -> bool:
+        """Whether the workflow fits tissue types: not with ``clustering.model`` set, and not
+        when the fitted model already exists unless ``clustering.refit`` asks for it, so
+        slides appended to the sheet are assigned to the types already fitted."""
+        c = self.config["clustering"]
+        if c.get("model"):
+            return False
+        return bool(c.get("refit")) or not Path(self.fitted_cluster_model()).is_dir()
 
     def cluster_name(self) -> str:
         return f"{self.encoder}/{self.tiling_id}/k{self.k}"

@@ -55,3 +55,18 @@ def blobs(n: int, centers: np.ndarray, spread: float, rng: np.random.Generator) 
     which = rng.integers(len(centers), size=n)
     x = centers[which] + spread * rng.standard_normal((n, centers.shape[1]))
     return x.astype(np.float32), which
+
+
+def write_sample_store(path: Path, features: np.ndarray, *, slide_id: str, per_slide_cap: int, seed: int = 0,
+                       normalize: str = "l2", encoder: str = "synthetic", n_tiles: int | None = None) -> Path:
+    """A per-slide sample store holding ``features`` (m, D) as the slide's whole sample, in
+    priority order, as ``sample-embeddings`` would write it (without an embedding store)."""
+    from histopipe.sampling import SlideSample, StoreInfo, normalize_rows, priority_order
+    from histopipe.slide_samples import write_sample
+
+    x = normalize_rows(features, normalize)
+    order = priority_order(x) if len(x) else np.zeros(0, np.int64)
+    attrs = {"encoder": encoder, "weights_sha256": "0" * 64, "tiling": "mpp0.5_px256"}
+    info = StoreInfo(path.with_suffix(".emb.zarr"), slide_id, len(x) if n_tiles is None else n_tiles, x.shape[1], attrs)
+    write_sample(path, SlideSample(order.astype(np.int64), x[order], info), per_slide_cap, seed, normalize)
+    return path

@@ -78,3 +78,20 @@ def test_batch_commands_cover_each_slide_of_the_batch(tmp_path):
     assert patches[1][patches[1].index("--slide-id") + 1] == "s1"
     with pytest.raises(ValueError, match="stage"):
         c.batch_commands("bogus", "00000", "x")
+
+
+def test_an_existing_fitted_model_is_kept_for_appended_slides_unless_refit(tmp_path):
+    cfg = load_config(None, {"results": str(tmp_path / "out"), "slides_per_batch": 2})
+    c = Cohort(_entries(tmp_path, [False] * 3), cfg)
+    assert c.fits_clusters and c.cluster_model() == c.fitted_cluster_model()
+    assert c.cluster_summaries() == [f"{tmp_path}/out/clusters/efficientnet_lite0/mpp0.5_px256/summaries/batch-{b}.zarr"
+                                     for b in ("00000", "00001")]
+    (tmp_path / "out" / "clusters" / "efficientnet_lite0" / "mpp0.5_px256" / "k100" / "model").mkdir(parents=True)
+    appended = Cohort(_entries(tmp_path, [False] * 5), cfg)
+    assert not appended.fits_clusters and appended.cluster_model() == c.fitted_cluster_model()
+    refit = load_config(None, {"results": str(tmp_path / "out"), "clustering": {"refit": True}})
+    assert Cohort(_entries(tmp_path, [False] * 5), refit).fits_clusters
+    other_k = load_config(None, {"results": str(tmp_path / "out"), "clustering": {"k": 8, "levels": [8]}})
+    assert Cohort(_entries(tmp_path, [False] * 5), other_k).fits_clusters  # another model folder
+    given = load_config(None, {"clustering": {"model": "/models/tcga", "refit": True}})
+    assert not Cohort(_entries(tmp_path, [False]), given).fits_clusters

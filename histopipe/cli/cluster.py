@@ -33,6 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     _sampling_args(e)
     e.set_defaults(func=run_sample)
 
+    b = sub.add_parser(
+        "summarize-samples", help="summarise a batch of per-slide sample stores into weighted sub-centroids",
+        description=(
+            "Level one of the two-level fit: k-means on every sampled tile of a batch of slides' sample "
+            "stores (from sample-embeddings) into at most BATCH_CENTROIDS weighted sub-centroids (each with "
+            "its member count and their summed squared distance), written as a summary store that "
+            "fit-clusters --summaries reads. A batch with at most BATCH_CENTROIDS sampled tiles keeps them "
+            "as they are; a batch without sampled tiles (failed tiling) gives an empty summary."),
+    )
+    b.add_argument("--samples", nargs="+", type=Path, default=[], help="sample stores (.zarr) of the batch's slides")
+    b.add_argument("--samples-list", type=Path, default=None, help="text file with one sample store path per line")
+    b.add_argument("--out", type=Path, required=True, help="output summary store (.zarr)")
+    _config_args(b)
+    _sampling_args(b)
+    b.add_argument("--batch-centroids", type=int, default=None, help="most sub-centroids per batch (default 256)")
+    b.set_defaults(func=run_summarize)
+
     f = sub.add_parser(
         "fit-clusters", help="fit tissue types (k-means) on a cohort's embedding stores or per-slide samples",
         description=(
@@ -41,12 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "time, or read each slide's prefix of its quota from sample stores (--samples, from "
             "sample-embeddings: the same sample, without opening the embedding stores); fit faiss k-means "
             "with K clusters, re-split high-variance clusters, and build nested coarser LEVELS from one "
-            "Ward tree over the centroids. Writes a model folder (centroids.npy, level_luts.npy, model.json)."),
+            "Ward tree over the centroids. With --summaries (from summarize-samples, one per batch of "
+            "slides) every sampled tile counts instead: k-means on the batches' weighted sub-centroids, "
+            "then REFINE_PASSES passes over every sampled tile of the sample stores, in bounded memory. "
+            "Writes a model folder (centroids.npy, level_luts.npy, model.json)."),
     )
     f.add_argument("embeddings", nargs="*", type=Path, help="embedding stores (.zarr), one per slide")
     f.add_argument("--list", type=Path, default=None, help="text file with one embedding store path per line (for large cohorts)")
     f.add_argument("--samples", nargs="+", type=Path, default=[], help="sample stores (.zarr) from sample-embeddings, one per slide")
     f.add_argument("--samples-list", type=Path, default=None, help="text file with one sample store path per line")
+    f.add_argument("--summaries", nargs="+", type=Path, default=[],
+                   help="batch summaries (.zarr) from summarize-samples: the two-level fit (needs the sample stores too)")
+    f.add_argument("--summaries-list", type=Path, default=None, help="text file with one batch summary path per line")
     f.add_argument("--out", type=Path, required=True, help="output model folder")
     _config_args(f)
     f.add_argument("--k", type=int, default=None, help="number of tissue types (default 100)")
@@ -56,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--total-cap", type=int, default=None, help="most tiles sampled from the cohort (default 200000)")
     f.add_argument("--resplit-factor", type=float, default=None, help="re-split clusters whose variance exceeds this × the median; 0 disables (default 3)")
     f.add_argument("--workers", type=int, default=None, help="processes sampling embedding stores in parallel (default 1)")
+    f.add_argument("--batch-centroids", type=int, default=None, help="sub-centroids per batch the summaries were made with (default 256)")
+    f.add_argument("--refine-passes", type=int, default=None, help="two-level fit: Lloyd passes over every sampled tile (default 2)")
     f.set_defaults(func=run_fit)
 
     a = sub.add_parser(
@@ -132,7 +157,8 @@ def cluster_config(args: argparse.Namespace):
     from histopipe.clustering import ClusterConfig
 
     cfg = load_config(args.config, json_overrides(args.config_json))
-    names = ("k", "seed", "niter", "per_slide_cap", "total_cap", "normalize", "resplit_factor", "workers")
+    names = ("k", "seed", "niter", "per_slide_cap", "total_cap", "normalize", "resplit_factor", "workers",
+             "batch_centroids", "refine_passes")
     flags = {name: getattr(args, name, None) for name in names}  # each command has a subset of the flags
     if getattr(args, "levels", None) is not None:
         try:
@@ -168,19 +194,47 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_fit(args: argparse.Namespace) -> int:
-    from histopipe.clustering import fit, fit_samples
+def _paths(given: list[Path], list_file: Path | None) -> list[Path]:
+    return list(given) + ([r[0] for r in _read_list(list_file, 1)] if list_file else [])
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    from histopipe.summaries import summarize_batch, write_summary
 
     cfg = cluster_config(args)
-    stores = list(args.embeddings) + ([r[0] for r in _read_list(args.list, 1)] if args.list else [])
-    samples = list(args.samples) + ([r[0] for r in _read_list(args.samples_list, 1)] if args.samples_list else [])
+    samples = _paths(args.samples, args.samples_list)
+    if not samples:
+        raise HistopipeError("summarize-samples: no sample stores given (--samples or --samples-list)")
+    summary = summarize_batch(samples, cfg)
+    write_summary(args.out, summary)
+    a = summary.attrs
+    kept = " (the tiles themselves)" if a["exact"] else ""
+    empty = f", {len(a['empty_slides'])} slide(s) without sampled tiles" if a["empty_slides"] else ""
+    print(f"{len(a['slides'])} slides, {a['n_sampled']} sampled tiles -> {len(summary.centroids)} sub-centroids"
+          f"{kept}{empty} -> {args.out}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from histopipe.clustering import fit, fit_samples
+    from histopipe.summaries import fit_two_level
+
+    cfg = cluster_config(args)
+    stores = _paths(args.embeddings, args.list)
+    samples = _paths(args.samples, args.samples_list)
+    summaries = _paths(args.summaries, args.summaries_list)
+    if summaries and not samples:
+        raise HistopipeError("fit-clusters --summaries: the sample stores are needed too (--samples or --samples-list)")
     if stores and samples:
         raise HistopipeError("fit-clusters: give embedding stores (positional paths, --list) or sample stores "
                              "(--samples, --samples-list), not both")
     if not stores and not samples:
         raise HistopipeError("fit-clusters: no inputs given (embedding stores: positional paths or --list; "
                              "sample stores: --samples or --samples-list)")
-    model = fit_samples(samples, cfg) if samples else fit(stores, cfg)
+    if summaries:
+        model = fit_two_level(samples, summaries, cfg)
+    else:
+        model = fit_samples(samples, cfg) if samples else fit(stores, cfg)
     model.save(args.out)
     m = model.meta
     print(f"k={model.k} levels={model.levels} from {m['n_sampled']} of {m['n_tiles_total']} tiles "

@@ -1,6 +1,7 @@
 # With clustering.model set, slides are assigned to an existing model's tissue types and
-# nothing is fitted (no samples, no k-means), whatever the cohort.
-if not config["clustering"]["model"]:
+# nothing is fitted (no samples, no k-means), whatever the cohort. Once the fitted model
+# exists it is kept (appended slides are assigned to it) unless clustering.refit is set.
+if COHORT.fits_clusters:
 
     rule sample_embeddings:
         input:
@@ -27,13 +28,42 @@ if not config["clustering"]["model"]:
             "../scripts/histopipe_batch.py"
 
 
+    # Level one of the two-level fit: every sampled tile of a batch, summarised into
+    # weighted sub-centroids; one independent job per batch.
+    rule summarize_samples:
+        input:
+            samples=paths.CLUSTER_SAMPLE_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, batch="{batch}"),
+        output:
+            summary=directory(paths.CLUSTER_SUMMARY.format(results=R, encoder=ENCODER, tiling=TILING, batch="{batch}")),
+        params:
+            args=lambda wildcards, output: ["summarize-samples", "--config-json", config_json("clustering"), "--out", output.summary],
+            list_columns=lambda wildcards: [batch_inputs(paths.CLUSTER_SAMPLE, encoder=ENCODER, tiling=TILING)(wildcards)],
+            list_flag="--samples-list",
+        log:
+            paths.LOG.format(results=R, rule="summarize_samples", name=join_name(ENCODER, TILING, "batch-{batch}")),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="summarize_samples", name=join_name(ENCODER, TILING, "batch-{batch}"))
+        threads: 2
+        conda:
+            "../envs/histopipe.yaml"
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        script:
+            "../scripts/histopipe_list.py"
+
+
     rule fit_kmeans:
         input:
             samples=COHORT.cluster_sample_batches(),
+            summaries=COHORT.cluster_summaries() if TWO_LEVEL else [],
         output:
             model=directory(COHORT.fitted_cluster_model()),
         params:
-            args=lambda wildcards, output: ["fit-clusters", "--config-json", config_json("clustering"), "--out", output.model],
+            args=lambda wildcards, input, output: [
+                "fit-clusters", "--config-json", config_json("clustering"), "--out", output.model,
+                *(["--summaries", *input.summaries] if TWO_LEVEL else []),
+            ],
             list_columns=[COHORT.cluster_samples()],
             list_flag="--samples-list",
         log:

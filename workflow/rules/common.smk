@@ -23,6 +23,7 @@ TILING = COHORT.tiling_id
 ENCODER = COHORT.encoder
 K = COHORT.k
 DATASET = COHORT.dataset_id
+TWO_LEVEL = config["clustering"]["method"] == "two_level"
 
 
 wildcard_constraints:
