@@ -184,3 +184,23 @@ def test_pretrained_unet_needs_a_controlnet_branch():
     assert tiny_ldm(pretrained_unet="/some/unet", injection="controlnet").injection == "controlnet"
     with pytest.raises(ConfigError, match="injection"):
         tiny_ldm(injection="cross-attention")
+
+
+def test_crop_features_are_computed_at_the_configured_side():
+    """A convolutional encoder sees the crops at crop_feature_size, not resized again to its
+    224 px input: the features equal the encoder's output on the crops resized to that side."""
+    from histopipe.encoders import get_encoder
+
+    gen = torch.Generator().manual_seed(0)
+    crops = [PlacedCrop(torch.randint(0, 256, (12, 12, 3), generator=gen, dtype=torch.uint8).numpy(), 1, 2, 3)]
+    slots = slots_from_placed([crops], size=32, max_crops=2)
+    small = CropFeaturizer("efficientnet_lite0", size=40)(slots)
+    enc = get_encoder("efficientnet_lite0").eval()
+    x = torch.nn.functional.interpolate(slots.crop(0, 0)[None].float(), size=(40, 40), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    uint8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    with torch.inference_mode():
+        expected = enc(enc.normalize(uint8)).float()[0]
+    assert torch.allclose(small[0, 0], expected, atol=1e-4) and (small[0, 1] == 0).all()
+    full = CropFeaturizer("efficientnet_lite0")(slots)  # the encoder's own input size
+    assert not torch.allclose(full[0, 0], small[0, 0], atol=1e-2)
