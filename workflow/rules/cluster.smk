@@ -17,6 +17,8 @@ if not config["clustering"]["model"]:
             ),
         log:
             paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "batch-{batch}")),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "batch-{batch}"))
         threads: 1
         conda:
             "../envs/histopipe.yaml"
@@ -67,6 +69,8 @@ rule map_tissue_types:
         commands=batch_commands("map", "maps"),
     log:
         paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "batch-{batch}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "batch-{batch}"))
     threads: 1
     conda:
         "../envs/histopipe.yaml"
@@ -94,6 +98,8 @@ rule map_annotation:
         commands=batch_commands("map", "maps"),
     log:
         paths.LOG.format(results=R, rule="map_annotation", name=join_name(TILING, "batch-{batch}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="map_annotation", name=join_name(TILING, "batch-{batch}"))
     threads: 1
     conda:
         "../envs/histopipe.yaml"
