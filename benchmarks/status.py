@@ -71,7 +71,8 @@ def link(src: str | Path, dst: str | Path) -> None:
         dst.symlink_to(Path(src).resolve())
 
 
-def build_tree(n: int, work: Path, source: Path, configs: list[Path], demo_sheet: Path) -> tuple[Path, Path]:
+def build_tree(n: int, work: Path, source: Path, configs: list[Path], demo_sheet: Path,
+               late_fraction: float = 0.05) -> tuple[Path, Path]:
     """The N-slide sheet and results tree (see the module docstring); cached in ``work``."""
     from histopipe.tiling import TilingConfig, write_failed_store
 
@@ -94,7 +95,7 @@ def build_tree(n: int, work: Path, source: Path, configs: list[Path], demo_sheet
     r, t, enc, d = str(results), cohort.tiling_id, cohort.encoder, cohort.dataset_id
     origin = {sid: demo[i % len(demo)].slide_id for i, sid in enumerate(ids)}
     failed = set(ids[:: 100])
-    late = set(ids[int(n * 0.95):])
+    late = set(ids[int(round(n * (1 - late_fraction))):])
     tiling = TilingConfig(**cohort.config["tiling"])
     bench = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n{s}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t0\n"
     for sid in ids:
@@ -104,6 +105,8 @@ def build_tree(n: int, work: Path, source: Path, configs: list[Path], demo_sheet
             write_failed_store(tiles, sid, work / "slides" / sid, tiling, f"{sid}: unsupported or corrupt slide file")
         else:
             link(paths.TILES.format(results=str(source), tiling=t, slide=o), tiles)
+            link(paths.TILE_QC.format(results=str(source), tiling=t, slide=o) + f"/{o}.tissue.png",
+                 paths.TILE_QC.format(results=r, tiling=t, slide=sid) + f"/{sid}.tissue.png")
         link(paths.EMBEDDINGS.format(results=str(source), encoder=enc, tiling=t, slide=o),
              paths.EMBEDDINGS.format(results=r, encoder=enc, tiling=t, slide=sid))
         for rule, name, s in (("tile_slide", f"{t}/{sid}", 4.2), ("embed_tiles", f"{enc}/{t}/{sid}", 31.0)):
@@ -122,6 +125,8 @@ def build_tree(n: int, work: Path, source: Path, configs: list[Path], demo_sheet
             link(paths.SLIDE_PATCHES.format(results=str(source), dataset=d, batch=ob, slide=o),
                  paths.SLIDE_PATCHES.format(results=r, dataset=d, batch=batch, slide=sid))
     link(src.fitted_cluster_model(), cohort.fitted_cluster_model())
+    if Path(src.montage()).is_file():
+        link(src.montage(), cohort.montage())
     done.write_text(f"{n}\n")
     return sheet, results
 

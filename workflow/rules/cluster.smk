@@ -58,13 +58,7 @@ rule map_tissue_types:
         emb=batch_inputs(paths.EMBEDDINGS, encoder=ENCODER, tiling=TILING),
         tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        maps=report(
-            directory(paths.TISSUE_MAP_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, k=K, batch="{batch}")),
-            patterns=["{slide}.png"],
-            caption="../report/tissue_map.rst",
-            category="Tissue maps",
-            labels={"slide": "{slide}"},
-        ),
+        maps=directory(paths.TISSUE_MAP_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, k=K, batch="{batch}")),
     params:
         commands=batch_commands("map", "maps"),
     log:
@@ -87,13 +81,7 @@ rule map_annotation:
         annotations=batch_annotations,
         tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        maps=report(
-            directory(paths.ANNOTATION_MAP_BATCH.format(results=R, tiling=TILING, batch="{batch}")),
-            patterns=["{slide}.png"],
-            caption="../report/tissue_map.rst",
-            category="Tissue maps",
-            labels={"slide": "{slide}"},
-        ),
+        maps=directory(paths.ANNOTATION_MAP_BATCH.format(results=R, tiling=TILING, batch="{batch}")),
     params:
         commands=batch_commands("map", "maps"),
     log:
