@@ -25,6 +25,8 @@ from histopipe.status import store_attrs
 PRESENT_FRACTION = 0.02
 # Robust z-score (median / 1.4826 MAD of log values) beyond which a slide is an outlier.
 OUTLIER_Z = 3.5
+# A slide is flagged `blurry` when more than this share of its tiles are.
+BLURRY_SHARE = 0.1
 
 
 @dataclass
@@ -38,6 +40,9 @@ class SlideRow:
     map_png: str
     qc_png: str
     flags: list[str] = field(default_factory=list)
+    ink_mm2: float = 0.0  # pen-ink area excluded from the tissue, mm²
+    n_blurry: int = 0  # tiles below tiling.min_sharpness
+    stain: dict[str, float] = field(default_factory=dict)  # stain_hue (°), stain_saturation, stain_value
 
 
 def read_rows(tile_stores: list[str], map_stores: list[str], qc_dirs: list[str]) -> list[SlideRow]:
@@ -63,23 +68,36 @@ def read_rows(tile_stores: list[str], map_stores: list[str], qc_dirs: list[str])
             area = float(a["tissue_area_fraction"]) * a["level0_width"] * a["level0_height"] * float(mpp) ** 2 / 1e6
         png = str(Path(map_store).with_suffix(".png"))
         qc_png = str(Path(qc) / f"{sid}.tissue.png")
-        rows.append(SlideRow(sid, str(a.get("status", "failed" if not a else "ok")), int(a.get("n_tiles", 0)), area,
-                             " ".join(str(a.get("reason") or "").split()), hist, png, qc_png))
+        row = SlideRow(sid, str(a.get("status", "failed" if not a else "ok")), int(a.get("n_tiles", 0)), area,
+                       " ".join(str(a.get("reason") or "").split()), hist, png, qc_png)
+        row.ink_mm2, row.n_blurry = float(a.get("ink_area_mm2") or 0.0), int(a.get("n_blurry") or 0)
+        row.stain = {k: float(a[k]) for k in ("stain_hue", "stain_saturation", "stain_value") if k in a}
+        if row.ink_mm2 > 0:
+            row.flags.append("ink")
+        if row.n_tiles and row.n_blurry > BLURRY_SHARE * row.n_tiles:
+            row.flags.append("blurry")
+        rows.append(row)
     for r in rows:  # one length for every histogram
         r.types = np.pad(r.types, (0, max(0, k - len(r.types))))[:k]
     return rows
 
 
 def flag_outliers(rows: list[SlideRow], z: float = OUTLIER_Z) -> None:
-    """Add ``<measure>_low`` / ``<measure>_high`` flags to slides whose tile count or tissue
-    area is far from the cohort's (robust z-score of the log value beyond ``z``)."""
+    """Add ``<measure>_low`` / ``<measure>_high`` flags to slides whose tile count, tissue
+    area (robust z-score of the log value beyond ``z``) or stain statistics (mean hue,
+    saturation, value of the tissue; robust z-score of the value) are far from the cohort's."""
     ok = [r for r in rows if r.status == "ok"]
-    for name, get in (("tiles", lambda r: r.n_tiles), ("tissue_area", lambda r: r.tissue_mm2)):
+    nan = float("nan")
+    measures = (("tiles", lambda r: r.n_tiles, True), ("tissue_area", lambda r: r.tissue_mm2, True),
+                ("stain_hue", lambda r: r.stain.get("stain_hue", nan), False),
+                ("stain_saturation", lambda r: r.stain.get("stain_saturation", nan), False),
+                ("stain_value", lambda r: r.stain.get("stain_value", nan), False))
+    for name, get, use_log in measures:
         values = np.array([get(r) for r in ok], dtype=float)
         good = np.isfinite(values) & (values > 0)
         if good.sum() < 5:
             continue  # too few slides for a cohort distribution
-        logs = np.log(values[good])
+        logs = np.log(values[good]) if use_log else values[good]
         med = np.median(logs)
         mad = 1.4826 * np.median(np.abs(logs - med))
         if mad <= 0:
@@ -155,15 +173,17 @@ def _top_types(types: np.ndarray, n: int = 5) -> str:
     return " ".join(f"t{t}:{types[t]:.0%}" for t in order if types[t] > 0)
 
 
-COLUMNS = ("slide_id", "status", "n_tiles", "tissue_mm2", "qc_flags", "reason", "top_types", "in_report", "map_png",
-           "tissue_png", "type_fractions")
+COLUMNS = ("slide_id", "status", "n_tiles", "tissue_mm2", "qc_flags", "reason", "ink_mm2", "blurry_tiles", "stain_hsv",
+           "top_types", "in_report", "map_png", "tissue_png", "type_fractions")
 
 
 def table_rows(rows: list[SlideRow], chosen: dict[str, str]) -> list[list[str]]:
     out = []
     for r in rows:
         out.append([r.slide_id, r.status, str(r.n_tiles), "" if not np.isfinite(r.tissue_mm2) else f"{r.tissue_mm2:.2f}",
-                    ",".join(r.flags), r.reason, _top_types(r.types), chosen.get(r.slide_id, ""), r.map_png, r.qc_png,
+                    ",".join(r.flags), r.reason, f"{r.ink_mm2:g}", str(r.n_blurry),
+                    " ".join(f"{r.stain[k]:.3g}" for k in ("stain_hue", "stain_saturation", "stain_value") if k in r.stain),
+                    _top_types(r.types), chosen.get(r.slide_id, ""), r.map_png, r.qc_png,
                     ",".join(f"{v:.3f}" for v in r.types)])
     return out
 

@@ -98,3 +98,35 @@ def test_table_and_images_from_real_stores(tmp_path, cmu_slide):
     # The chosen slide with a map gets a downscaled copy; the unreadable one has no image.
     assert write_selected_images(rows, chosen, tmp_path / "images", 400) == 1
     assert Image.open(tmp_path / "images" / "good.png").size == (320, 400)
+
+
+def test_qc_flags_ink_blur_and_stain_outliers(tmp_path, cmu_image):
+    import cv2
+
+    from histopipe.pyramid import write_pyramid
+    from histopipe.tiling import tile_slide
+
+    # Real tissue with a blue pen stroke, and one with a blurred right half.
+    inked = cmu_image.copy()
+    cv2.line(inked, (100, 300), (2100, 900), (40, 70, 190), 110)
+    blurred = cmu_image.copy()
+    blurred[:, 1110:] = cv2.GaussianBlur(cmu_image, (0, 0), 6)[:, 1110:]
+    stores = []
+    for name, img in (("inked", inked), ("blurred", blurred)):
+        path = write_pyramid(tmp_path / f"{name}.tiff", img, 0.499, levels=(1, 4, 16))
+        tile_slide(path, tmp_path / f"{name}.zarr", name)
+        stores.append(str(tmp_path / f"{name}.zarr"))
+    rows = read_rows(stores, [str(tmp_path / "none.zarr")] * 2, [str(tmp_path)] * 2)
+    inked_row, blurred_row = rows
+    assert inked_row.flags == ["ink"] and inked_row.ink_mm2 > 0.05 and inked_row.n_blurry == 0
+    assert blurred_row.flags == ["blurry"] and blurred_row.ink_mm2 == 0 and blurred_row.n_blurry > 0.3 * blurred_row.n_tiles
+    # Stain statistics: one slide far bluer than a cohort of H&E slides.
+    rng = np.random.default_rng(0)
+    cohort = [_row(i, np.ones(3) / 3) for i in range(40)]
+    for r in cohort:
+        r.stain = {"stain_hue": float(rng.normal(312, 4)), "stain_saturation": float(rng.normal(0.32, 0.02)),
+                   "stain_value": float(rng.normal(0.7, 0.02))}
+    cohort[5].stain["stain_hue"] = 250.0
+    flag_outliers(cohort)
+    assert [r.slide_id for r in cohort if r.flags] == ["s00005"] and cohort[5].flags == ["stain_hue_low"]
+    assert select_slides(cohort, 4)["s00005"] == "outlier (stain_hue_low)"
