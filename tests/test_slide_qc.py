@@ -9,6 +9,7 @@ import pytest
 import zarr
 
 from histopipe.pyramid import write_pyramid
+from histopipe.qc import write_tiling_summary
 from histopipe.slides import open_slide
 from histopipe.tiling import TilingConfig, tile_slide
 from histopipe.tissue import TissueConfig, tissue_mask
@@ -117,6 +118,13 @@ def test_qc_that_removes_all_tissue_gives_an_empty_store_with_the_reason(tmp_pat
     r = tile_slide(path, tmp_path / "i.zarr", "i", TilingConfig())
     a = dict(zarr.open_group(str(tmp_path / "i.zarr"), mode="r").attrs)
     assert r.n_tiles == 0 and a["status"] == "empty" and "pen ink" in a["reason"] and a["ink_area_mm2"] > 0.1
+    # The tiling summary names both, with their QC figures and reasons.
+    write_tiling_summary([tmp_path / "b.zarr", tmp_path / "i.zarr"], tmp_path / "failed.tsv", tmp_path / "summary.tsv")
+    lines = (tmp_path / "summary.tsv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split("\t"), line.split("\t"), strict=True)) for line in lines[1:]]
+    assert [(x["slide_id"], x["status"], x["n_tiles"]) for x in rows] == [("b", "empty", "0"), ("i", "empty", "0")]
+    assert int(rows[0]["n_blurry"]) > 30 and "blurry" in rows[0]["reason"]
+    assert float(rows[1]["ink_area_mm2"]) == a["ink_area_mm2"] and "pen ink" in rows[1]["reason"]
 
 
 def test_real_slide_tile_count_unchanged(cmu_slide, tmp_path):
