@@ -228,11 +228,16 @@ def write_html(rows: list[SlideRow], chosen: dict[str, str], out: str | Path) ->
 
 def write_selected_images(rows: list[SlideRow], chosen: dict[str, str], out_dir: str | Path, max_px: int) -> int:
     """Downscaled copies (longest side ``max_px``) of the chosen slides' map PNGs, or of the
-    tissue-mask overlay for a slide without a map, as ``<out_dir>/<slide>.png``."""
+    tissue-mask overlay for a slide without a map, as ``<out_dir>/<slide>.png``. The folder
+    is replaced as a whole: it holds the current selection only."""
+    import shutil
+
     from PIL import Image
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    out_dir = final.with_name(final.name + ".tmp")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
     by_id = {r.slide_id: r for r in rows}
     written = 0
     for sid in chosen:
@@ -247,4 +252,6 @@ def write_selected_images(rows: list[SlideRow], chosen: dict[str, str], out_dir:
             im.save(buf, format="PNG", optimize=True)
         atomic_write_bytes(out_dir / f"{sid}.png", buf.getvalue())
         written += 1
+    shutil.rmtree(final, ignore_errors=True)
+    out_dir.rename(final)
     return written

@@ -96,8 +96,11 @@ def test_table_and_images_from_real_stores(tmp_path, cmu_slide):
     assert first["map_png"] == str(tmp_path / "good_map.png") and first["top_types"] == "t2:80% t0:20%"
     assert "oninput" in (tmp_path / "slides.html").read_text()
     # The chosen slide with a map gets a downscaled copy; the unreadable one has no image.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "old.png").write_bytes(b"from an earlier selection")
     assert write_selected_images(rows, chosen, tmp_path / "images", 400) == 1
     assert Image.open(tmp_path / "images" / "good.png").size == (320, 400)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["good.png"]
 
 
 def test_qc_flags_ink_blur_and_stain_outliers(tmp_path, cmu_image):
