@@ -170,7 +170,7 @@ def main() -> None:
         sheet, results = build_tree(n, args.work / f"n{n}", source, configs, args.demo_sheet)
         status = [sys.executable, "-m", "histopipe", "status", "--config", *map(str, configs),
                   "--sheet", str(sheet), "--results", str(results)]
-        wall, cpu, out, rc = timed(status, env, 600)
+        wall, cpu, out, rc = timed(status, env, 1800)
         if rc != 0:
             raise SystemExit(out[-3000:])
         tile = next(x for x in out.splitlines() if x.startswith("tile "))
