@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CORES ?= 2
 DEMO_DIR ?= resources/demo
 
-.PHONY: venv demo quality test lint clean-demo
+.PHONY: venv demo quality test lint profile clean-demo
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ quality: venv
 		--set-threads $(QUALITY_THREADS) -- ablation && \
 	echo "quality run: $$(( ($$(date +%s) - start) / 60 )) min on $(CORES) cores" | tee results/quality/wall.txt
 	$(BIN)/python benchmarks/quality.py results/quality --out benchmarks/quality
+
+# `snakemake --profile slurm` from any directory: links profiles/slurm into Snakemake's user
+# profile folder (idempotent; stops rather than replace a profile of yours of that name).
+profile: venv
+	$(BIN)/histopipe install-profile slurm
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -1,5 +1,5 @@
 # histopipe: whole-slide images -> annotated synthetic histopathology.
-# Run: snakemake --profile profiles/local   (or profiles/slurm on a cluster)
+# Run: snakemake --profile profiles/local   (or --profile slurm on a cluster, after `histopipe install-profile`)
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -104,6 +104,11 @@ SYNTHETIC_STORE = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/synthetic.
 SYNTHETIC_MANIFEST = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}/manifest.csv"
 HALLUCINATION_FLAGS = "{results}/synthetic/{dataset}/ldm_{variant}/{mode}.flags.csv"
 
+# The per-slide table of the cohort (TSV, and HTML for the report) and the report's bounded
+# selection of slide images ({maps}: Cohort.map_id(), e.g. <encoder>/<tiling>/k<k>).
+SLIDE_TABLE = "{results}/report/{maps}/slides.{ext}"
+REPORT_SLIDES = "{results}/report/{maps}/slides"
+
 # Figures made for the report. {model} is "vae" or "ldm_<variant>".
 TRAINING_CURVE = "{results}/report/{dataset}/training_{model}.png"
 FLAGS_FIGURE = "{results}/report/{dataset}/flags_{variant}.png"

@@ -25,6 +25,7 @@ from histopipe.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from histopipe.errors import SlideError
 from histopipe.paths import tiling_id
 from histopipe.regions import integral_image
+from histopipe.slide_qc import stain_stats, tile_sharpness
 from histopipe.slides import SlideReader, open_slide
 from histopipe.tissue import (
     TissueConfig,
@@ -32,6 +33,7 @@ from histopipe.tissue import (
     geojson_text,
     mask_to_polygons,
     overlay,
+    read_thumbnail,
     tissue_mask,
 )
 
@@ -47,10 +49,15 @@ class TilingConfig:
     overlap: int = 0
     min_tissue: float = 0.25
     mpp_tolerance: float = 0.05
+    blur_mpp: float = 2.0
+    min_sharpness: float = 500.0
+    blur_action: str = "flag"
 
     def __post_init__(self) -> None:
         if self.mpp <= 0:
             raise ValueError(f"tiling.mpp must be > 0, got {self.mpp}")
+        if self.blur_action not in ("flag", "drop"):
+            raise ValueError(f"tiling.blur_action must be 'flag' or 'drop', got {self.blur_action!r}")
         if not 0 <= self.overlap < self.tile_size:
             raise ValueError(f"tiling.overlap must be in [0, tile_size), got {self.overlap}")
 
@@ -175,13 +182,33 @@ def tile_slide(
         coords = grid_coords(plan)
         frac = tissue_fractions(tmask.mask, tmask.scale, coords, plan.tile_size_level0)
         keep = frac >= tiling.min_tissue if tiling.min_tissue > 0 else frac >= 0
+        qc = {"ink_area_mm2": round(tmask.ink_fraction * reader.dimensions[0] * reader.dimensions[1] * reader.mpp**2 / 1e6, 4),
+              **stain_stats(thumb, tmask.mask)}
+        sharp = np.zeros(0, np.float32)
+        n_found = int(keep.sum())
+        if tiling.blur_mpp > 0 and keep.any():
+            sharp_view, sharp_scale = read_thumbnail(reader, max(tiling.blur_mpp, reader.mpp))
+            sharp = tile_sharpness(sharp_view, sharp_scale, coords[keep], plan.tile_size_level0)
+            blurry = sharp < tiling.min_sharpness
+            qc.update(n_blurry=int(blurry.sum()), blur_mpp=tiling.blur_mpp, min_sharpness=tiling.min_sharpness,
+                      blur_action=tiling.blur_action)
+            if tiling.blur_action == "drop":
+                idx = np.flatnonzero(keep)
+                keep[idx[blurry]] = False
+                sharp = sharp[~blurry]
         status = "ok" if keep.any() else "empty"
-        reason = "" if keep.any() else "no tissue detected"
-        if status == "empty":
-            log.warning("%s: no tissue detected; writing an empty tile store", slide_path)
+        reason = ""
+        if not keep.any():
+            if n_found:
+                reason = f"all {n_found} tissue tiles blurry (sharpness below {tiling.min_sharpness:g}; blur_action drop)"
+            elif qc["ink_area_mm2"] > 0:
+                reason = f"no tissue detected besides {qc['ink_area_mm2']:g} mm² of pen ink"
+            else:
+                reason = "no tissue detected"
+            log.warning("%s: %s; writing an empty tile store", slide_path, reason)
         attrs = _store_attrs(reader, slide_id, tiling, plan, int(keep.sum()), status, reason)
-        attrs.update(tissue_threshold=tmask.threshold, tissue_area_fraction=tmask.fraction, tissue=asdict(tissue))
-        write_tile_store(out, coords[keep], frac[keep], attrs)
+        attrs.update(tissue_threshold=tmask.threshold, tissue_area_fraction=tmask.fraction, tissue=asdict(tissue), **qc)
+        write_tile_store(out, coords[keep], frac[keep], attrs, sharpness=sharp if tiling.blur_mpp > 0 else None)
         if qc_dir is not None:
             write_qc(Path(qc_dir), slide_id, thumb, tmask.mask, tmask.scale, coords[keep], plan.tile_size_level0)
     return TilingResult(slide_id, int(keep.sum()), len(coords), plan, status, reason, time.perf_counter() - t0)
@@ -216,8 +243,12 @@ def _store_attrs(reader: SlideReader, slide_id: str, cfg: TilingConfig, plan: Gr
     }
 
 
-def write_tile_store(out: str | Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict) -> None:
-    """Write a tile store atomically (a killed run leaves no store under ``out``)."""
+def write_tile_store(out: str | Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict,
+                     sharpness: np.ndarray | None = None) -> None:
+    """Write a tile store atomically (a killed run leaves no store under ``out``).
+
+    ``sharpness`` (optional, ``(N,)``): each tile's variance of the Laplacian (blur QC).
+    """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     with atomic_path(out) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -225,6 +256,8 @@ def write_tile_store(out: str | Path, coords: np.ndarray, fractions: np.ndarray,
         chunk = max(1, min(n, 65536))
         root.create_array("coords", data=coords, chunks=(chunk, 2))
         root.create_array("tissue_fraction", data=np.asarray(fractions, dtype=np.float32), chunks=(chunk,))
+        if sharpness is not None:
+            root.create_array("sharpness", data=np.asarray(sharpness, dtype=np.float32), chunks=(chunk,))
         root.attrs.update(_jsonable(attrs))
 
 

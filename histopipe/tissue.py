@@ -25,20 +25,29 @@ class TissueConfig:
     opening_um: float = 16.0
     min_object_um2: float = 20000.0
     max_hole_um2: float = 10000.0
+    ink_colors: tuple[str, ...] = ("blue", "green", "black")
+    ink_min_saturation: float = 0.3
+    ink_black_max_value: float = 0.2
 
 
 @dataclass
 class TissueMask:
-    """Boolean tissue mask ``(h, w)`` at ``mpp`` µm/px; ``scale`` level-0 px per mask px."""
+    """Boolean tissue mask ``(h, w)`` at ``mpp`` µm/px; ``scale`` level-0 px per mask px;
+    ``ink`` the pen-ink pixels excluded from it (same shape)."""
 
     mask: np.ndarray
     mpp: float
     scale: float
     threshold: float
+    ink: np.ndarray | None = None
 
     @property
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def ink_fraction(self) -> float:
+        return float(self.ink.mean()) if self.ink is not None and self.ink.size else 0.0
 
 
 def read_thumbnail(reader: SlideReader, target_mpp: float, max_block: int = 4096) -> tuple[np.ndarray, float]:
@@ -71,22 +80,27 @@ def read_thumbnail(reader: SlideReader, target_mpp: float, max_block: int = 4096
     return out, float((scale_x + scale_y) / 2)
 
 
-def detect_tissue(image: np.ndarray, mpp: float, cfg: TissueConfig) -> tuple[np.ndarray, float]:
+def detect_tissue(image: np.ndarray, mpp: float, cfg: TissueConfig, ink: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Tissue mask of an RGB uint8 image at ``mpp`` µm/px; returns ``(mask bool, threshold)``.
 
     Otsu on the HSV saturation (tissue is stained, glass and background are grey/white), with
     a floor so that a blank slide yields no tissue, then closing, opening, small-object and
-    hole removal with sizes given in µm / µm².
+    hole removal with sizes given in µm / µm². Pen ink (``ink``, else detected with the
+    config's ink rules, see histopipe.slide_qc) is left out of the threshold and of the mask.
     """
+    if ink is None:
+        ink = _ink(image, mpp, cfg)
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
     if cfg.method == "otsu_saturation":
         signal = hsv[..., 1].astype(np.float32) / 255.0
     else:
         signal = 1.0 - cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    if signal.size == 0 or float(signal.max() - signal.min()) < 1e-6:
+    # The threshold is chosen on the pixels that are not ink.
+    sample = signal[~ink] if ink.any() else signal
+    if sample.size == 0 or float(sample.max() - sample.min()) < 1e-6:
         threshold = cfg.min_saturation
     else:
-        threshold = max(float(filters.threshold_otsu(signal)), cfg.min_saturation)
+        threshold = max(float(filters.threshold_otsu(sample)), cfg.min_saturation)
     value = hsv[..., 2].astype(np.float32) / 255.0
     mask = signal > threshold
     # Bright, weakly stained pixels are glass even above a low Otsu threshold.
@@ -104,7 +118,15 @@ def detect_tissue(image: np.ndarray, mpp: float, cfg: TissueConfig) -> tuple[np.
         mask = morphology.remove_small_objects(mask, max_size=min_obj) if _has_max_size() else morphology.remove_small_objects(mask, min_obj)
     if max_hole > 0:
         mask = morphology.remove_small_holes(mask, max_size=max_hole) if _has_max_size() else morphology.remove_small_holes(mask, max_hole)
-    return mask.astype(bool), threshold
+    return (mask & ~ink).astype(bool), threshold
+
+
+def _ink(image: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
+    if not cfg.ink_colors:
+        return np.zeros(image.shape[:2], dtype=bool)
+    from histopipe.slide_qc import ink_mask
+
+    return ink_mask(image, mpp, tuple(cfg.ink_colors), cfg.ink_min_saturation, cfg.ink_black_max_value)
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -122,8 +144,9 @@ def tissue_mask(reader: SlideReader, cfg: TissueConfig) -> tuple[TissueMask, np.
     """Detect tissue on ``reader``; returns the mask and the thumbnail it was computed on."""
     thumb, scale = read_thumbnail(reader, cfg.mask_mpp)
     mpp = reader.mpp * scale
-    mask, threshold = detect_tissue(thumb, mpp, cfg)
-    return TissueMask(mask, mpp, scale, threshold), thumb
+    ink = _ink(thumb, mpp, cfg)
+    mask, threshold = detect_tissue(thumb, mpp, cfg, ink)
+    return TissueMask(mask, mpp, scale, threshold, ink), thumb
 
 
 def mask_to_polygons(mask: np.ndarray, scale: float) -> list[list[list[list[float]]]]:

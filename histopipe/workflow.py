@@ -131,6 +131,19 @@ class Cohort:
         """The batch folders of the maps: each holds <slide>.zarr, .png and .geojson per slide."""
         return [self.map_batch(b) for b in self.batches]
 
+    def map_id(self) -> str:
+        """The folder name of the maps' settings: ``<encoder>/<tiling>/k<k>`` or ``annotation/<tiling>``."""
+        return f"annotation/{self.tiling_id}" if self.map_source == "annotation" else self.cluster_name()
+
+    def tile_qc_dirs(self) -> list[str]:
+        return self._each(paths.TILE_QC, tiling=self.tiling_id)
+
+    def slide_table(self, ext: str) -> str:
+        return paths.SLIDE_TABLE.format(results=self.results, maps=self.map_id(), ext=ext)
+
+    def report_slides(self) -> str:
+        return paths.REPORT_SLIDES.format(results=self.results, maps=self.map_id())
+
     def montage(self) -> str:
         return paths.CLUSTER_MONTAGE.format(results=self.results, encoder=self.encoder, tiling=self.tiling_id, k=self.k)
 
@@ -221,6 +234,7 @@ class Cohort:
             paths.FAILED_SLIDES.format(results=r),
             paths.TILING_SUMMARY.format(results=r, tiling=self.tiling_id),
             *self.map_batches(),
+            self.slide_table("html"),
             self.montage(),
             paths.DATASET_INFO.format(results=r, dataset=d),
             self.crop_bank(),

@@ -2,10 +2,12 @@
 
 Starts munged, slurmctld and slurmd (Debian packages, installed if missing; see
 tests/slurm_cluster.py), takes two slides of the demo cohort, runs Snakemake with the
-SLURM profile (plus the test overrides in tests/profiles/slurm-test) through tiling and
-embedding (``embed_tiles`` is a GPU rule), then checks the outputs and that every job went
-through SLURM: the cluster's job-completion log lists each job, completed; each stage ran
-as one batch job; only the embedding job held the (fake) GPU.
+SLURM profile as users type it (``--profile slurm``, installed by ``histopipe
+install-profile`` into a temporary Snakemake profile folder, plus the test overrides in
+tests/profiles/slurm-test) through tiling and embedding (``embed_tiles`` is a GPU rule), then
+checks the outputs and that every job went through SLURM: the cluster's job-completion log
+lists each job, completed; each stage ran as one batch job; only the embedding job held the
+(fake) GPU.
 """
 
 from __future__ import annotations
@@ -50,10 +52,26 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
     cluster.stop()
 
 
-def write_test_profile(dest: Path, cpus: int) -> Path:
-    """The real SLURM profile with the test overrides, as a profile folder ``dest``."""
+def install_slurm_profile(config_home: Path) -> dict[str, str]:
+    """``histopipe install-profile`` into ``config_home``; the environment in which
+    ``snakemake --profile slurm`` finds it there (Snakemake honours XDG_CONFIG_HOME)."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
+    done = run_bounded([sys.executable, "-m", "histopipe", "install-profile"], 60, env=env)
+    assert done.returncode == 0, done.stdout
+    assert (config_home / "snakemake" / "slurm").resolve() == (ROOT / "profiles" / "slurm").resolve()
+    return env
+
+
+def write_test_overrides(dest: Path, cpus: int) -> Path:
+    """The test overrides as a second profile folder ``dest``, given after ``--profile slurm``.
+
+    Snakemake merges profiles by top-level key, so a mapping the tests override in part
+    (default-resources) is written whole: the real profile's keys with the test's over them.
+    """
     real = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
-    cfg = deep_merge(real, yaml.safe_load(TEST_OVERRIDES.read_text()))
+    over = yaml.safe_load(TEST_OVERRIDES.read_text())
+    cfg = {k: deep_merge(real[k], v) if isinstance(v, dict) and isinstance(real.get(k), dict) else v
+           for k, v in over.items()}
     # Rules asking for more threads than the node has would be refused by sbatch.
     cfg["cores"] = cpus
     dest.mkdir(parents=True)
@@ -90,14 +108,16 @@ def _sub_cohort(demo_sheet: Path, dest: Path, ids: tuple[str, ...]) -> Path:
     return dest / "slides.tsv"
 
 
-def _snakemake(profile: Path, workdir: Path, sheet: Path, results: Path, targets: list[str]):
+def _snakemake(overrides: Path, env: dict[str, str], workdir: Path, sheet: Path, results: Path, targets: list[str]):
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-        "--profile", str(profile), "--configfile", str(CONFIG),
+        "--profile", "slurm", "--profile", str(overrides), "--configfile", str(CONFIG),
         "--config", f"sheet={sheet}", f"results={results}", "--", *targets,
     ]
     try:
-        return run_bounded(cmd, SNAKEMAKE_TIMEOUT_S)
+        # From a folder without a `slurm` subfolder: the name resolves only where
+        # install-profile put it.
+        return run_bounded(cmd, SNAKEMAKE_TIMEOUT_S, env=env, cwd=workdir.parent)
     except ClusterError as err:  # timed out: say where it stood
         pytest.fail(f"{err}\n{_job_logs(workdir)}", pytrace=False)
 
@@ -107,7 +127,8 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
     sheet = _sub_cohort(demo_cohort, tmp_path / "cohort", SLIDES)
     workdir = tmp_path / "work"
     results = workdir / "results"
-    profile = write_test_profile(tmp_path / "profile", slurm_cluster.cpus)
+    env = install_slurm_profile(tmp_path / "config_home")
+    overrides = write_test_overrides(tmp_path / "overrides", slurm_cluster.cpus)
     cohort = Cohort(read_sheet(sheet), load_config(CONFIG, {"sheet": str(sheet), "results": str(results)}))
     assert sorted(cohort.slide_ids) == sorted(SLIDES)
     tiles = dict(zip(cohort.slide_ids, map(Path, cohort.tile_stores()), strict=True))
@@ -121,7 +142,7 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
     # on PYTHONPATH and the interpreter's scripts first on PATH.
     assert str(ROOT) in os.environ["PYTHONPATH"].split(os.pathsep)
 
-    run = _snakemake(profile, workdir, sheet, results, targets)
+    run = _snakemake(overrides, env, workdir, sheet, results, targets)
     assert run.returncode == 0, f"{run.stdout[-6000:]}\n{_job_logs(workdir)}\n{slurm_cluster.log_tails()}"
 
     # Outputs: a tile store and an embedding store per slide, and the tiling summary.
@@ -172,7 +193,7 @@ def test_workflow_runs_through_slurm(slurm_cluster, demo_cohort, tmp_path):
     assert int(embed_job.fields["TimeLimit"]) == sum(int(m["runtime"]) for m in members), embed_job.fields
 
     # A second run finds everything done and submits nothing.
-    rerun = _snakemake(profile, workdir, sheet, results, targets)
+    rerun = _snakemake(overrides, env, workdir, sheet, results, targets)
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout, rerun.stdout[-3000:]
     assert len([j for j in slurm_cluster.jobs() if j.fields.get("WorkDir") == str(workdir)]) == len(finished)
 

@@ -219,8 +219,14 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     assert r.returncode == 0, r.stderr[-4000:]
     html = report.read_text(errors="replace")
     assert report.stat().st_size > 200_000  # the figures are embedded
-    for text in ("Tissue maps", "Real vs synthetic", "Metrics", "Hallucination flags", "Training", "ablation"):
+    for text in ("Slides", "Selected slides", "Real vs synthetic", "Metrics", "Hallucination flags", "Training", "ablation"):
         assert text in html, text
+    # Every slide is a row of the slide table; its map PNG stays on disk, named there.
+    table = next((results / "report").glob("efficientnet_lite0/*/k8/slides.tsv")).read_text().splitlines()
+    head = table[0].split("\t")
+    rows = [dict(zip(head, line.split("\t"), strict=True)) for line in table[1:]]
+    assert sorted(r["slide_id"] for r in rows) == sorted(["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
+    assert all((tmp_path / r["map_png"]).is_file() and r["top_types"] for r in rows)
 
     # A new slide, assigned to the fitted tissue types: only its own per-slide jobs run
     # (plus the cohort-level collections), no refit.

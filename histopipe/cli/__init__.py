@@ -29,6 +29,7 @@ COMMANDS = (
     "histopipe.cli.train",
     "histopipe.cli.synthesize",
     "histopipe.cli.nuclei",
+    "histopipe.cli.run",
 )
 
 

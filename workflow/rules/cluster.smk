@@ -18,6 +18,8 @@ if COHORT.fits_clusters:
             ),
         log:
             paths.LOG.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "batch-{batch}")),
+        benchmark:
+            paths.BENCHMARK.format(results=R, rule="sample_embeddings", name=join_name(ENCODER, TILING, "batch-{batch}"))
         threads: 1
         conda:
             "../envs/histopipe.yaml"
@@ -86,17 +88,13 @@ rule map_tissue_types:
         emb=batch_inputs(paths.EMBEDDINGS, encoder=ENCODER, tiling=TILING),
         tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        maps=report(
-            directory(paths.TISSUE_MAP_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, k=K, batch="{batch}")),
-            patterns=["{slide}.png"],
-            caption="../report/tissue_map.rst",
-            category="Tissue maps",
-            labels={"slide": "{slide}"},
-        ),
+        maps=directory(paths.TISSUE_MAP_BATCH.format(results=R, encoder=ENCODER, tiling=TILING, k=K, batch="{batch}")),
     params:
         commands=batch_commands("map", "maps"),
     log:
         paths.LOG.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "batch-{batch}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="map_tissue_types", name=join_name(COHORT.cluster_name(), "batch-{batch}"))
     threads: 1
     conda:
         "../envs/histopipe.yaml"
@@ -113,17 +111,13 @@ rule map_annotation:
         annotations=batch_annotations,
         tiles=batch_inputs(paths.TILES, tiling=TILING),
     output:
-        maps=report(
-            directory(paths.ANNOTATION_MAP_BATCH.format(results=R, tiling=TILING, batch="{batch}")),
-            patterns=["{slide}.png"],
-            caption="../report/tissue_map.rst",
-            category="Tissue maps",
-            labels={"slide": "{slide}"},
-        ),
+        maps=directory(paths.ANNOTATION_MAP_BATCH.format(results=R, tiling=TILING, batch="{batch}")),
     params:
         commands=batch_commands("map", "maps"),
     log:
         paths.LOG.format(results=R, rule="map_annotation", name=join_name(TILING, "batch-{batch}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="map_annotation", name=join_name(TILING, "batch-{batch}"))
     threads: 1
     conda:
         "../envs/histopipe.yaml"

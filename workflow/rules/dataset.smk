@@ -8,6 +8,8 @@ rule extract_patches:
         commands=batch_commands("patches", "patches", config_json("patches")),
     log:
         paths.LOG.format(results=R, rule="extract_patches", name=join_name(DATASET, "batch-{batch}")),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="extract_patches", name=join_name(DATASET, "batch-{batch}"))
     threads: 1
     conda:
         "../envs/histopipe.yaml"
@@ -29,6 +31,8 @@ rule merge_patches:
         list_flag="--list",
     log:
         paths.LOG.format(results=R, rule="merge_patches", name=DATASET),
+    benchmark:
+        paths.BENCHMARK.format(results=R, rule="merge_patches", name=DATASET)
     threads: 1
     conda:
         "../envs/histopipe.yaml"

@@ -43,3 +43,37 @@ rule plot_flags:
         runtime=10,
     shell:
         "histopipe plot-flags {input.flags:q} --synthetic {input.synthetic:q} --out {output.png:q} > {log:q} 2>&1"
+
+
+rule tabulate_slides:
+    input:
+        maps=COHORT.map_batches(),
+        tiles=COHORT.tile_stores(),
+    output:
+        tsv=COHORT.slide_table("tsv"),
+        html=report(COHORT.slide_table("html"), caption="../report/slide_table.rst", category="Slides"),
+        images=report(
+            directory(COHORT.report_slides()),
+            patterns=["{slide}.png"],
+            caption="../report/tissue_map.rst",
+            category="Slides",
+            subcategory="Selected slides",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        args=lambda wildcards, output: [
+            "slide-table", "--tsv", output.tsv, "--html", output.html, "--images", output.images,
+            "--max-slides", config["report"]["max_slides"], "--image-px", config["report"]["image_px"],
+        ],
+        list_columns=[COHORT.tile_stores(), COHORT.map_stores(), COHORT.tile_qc_dirs()],
+        list_flag="--list",
+    log:
+        paths.LOG.format(results=R, rule="tabulate_slides", name=COHORT.map_id()),
+    threads: 1
+    conda:
+        "../envs/histopipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/histopipe_list.py"
