@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 from histopipe.errors import ConfigError
 
@@ -98,3 +99,33 @@ def maybe_crash(step: int, rank: int) -> None:
         log.error("%s=%s: process %d exits at step %d", CRASH_ENV, spec, rank, step)
         os._exit(17)
 
+
+def process_group() -> tuple[int, int]:
+    """(rank, world) of this process, joining the launched processes' group (gloo: it only
+    carries barriers; the work itself needs no collectives) when there is one."""
+    if not in_launched_process():
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Long: a barrier waits for the slowest process's share of the work.
+        dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every launched process (nothing to wait for in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def local_device(device):
+    """The GPU of this process (``cuda:LOCAL_RANK``) when launched on CUDA, else ``device``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and in_launched_process():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device

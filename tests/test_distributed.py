@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 from histopipe.diffusion.models import build_vae
 from histopipe.diffusion.training import StreamBatchSampler, complete_checkpoints
@@ -148,3 +149,89 @@ def test_a_dying_process_ends_the_job_and_the_rerun_resumes_in_one_process(input
     assert len(resumed) == STEPS
     assert (np.abs(resumed - one_process) / one_process).max() < STEP_RTOL, (one_process, resumed)
 
+
+@pytest.mark.slow
+def test_synthesis_in_two_processes_gives_the_one_process_output(inputs):
+    from histopipe.diffusion.data import open_training_set, store_info
+    from histopipe.diffusion.tasks import LDMTask, reference_batch
+    from tests.diffusion_helpers import LABEL_NAMES, tiny_ldm
+
+    root, store, _ = inputs
+    train_set = open_training_set(store, "train")
+    torch.manual_seed(0)
+    task = LDMTask(tiny_ldm(), build_vae(tiny_vae(), 32), 32, store_info(store)["level_luts"], reference_batch(train_set, 2),
+                   LABEL_NAMES, 0.5)
+    task.pipeline(task.model.eval()).save_pretrained(root / "pipe")
+    stores = {}
+    for gpus in (1, 2):
+        cfg = root / f"synth-{gpus}.yaml"
+        # 5 maps in batches of 2: 3 batches, 2 for the first process and 1 for the second.
+        cfg.write_text(yaml.safe_dump({"synthesis": {"gpus": gpus, "steps": 2, "batch_size": 2, "sampler": "ddim"}}))
+        out = root / f"synth-{gpus}"
+        run = subprocess.run([sys.executable, "-m", "histopipe", "synthesize", "--model", str(root / "pipe"), "--out", str(out),
+                              "--mode", "held-out", "--dataset", str(store), "--split", "train", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=1500, env={**os.environ, **ONE_THREAD})
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert not (out / "parts").exists()
+        stores[gpus] = zarr.open_group(str(out / "synthetic.zarr"), mode="r")
+        assert (out / "manifest.csv").read_text() == (root / "synth-1" / "manifest.csv").read_text()
+    one, two = stores[1], stores[2]
+    assert one["images"].shape == (5, 32, 32, 3)
+    for name in ("images", "maps", "seed", "crop_boxes", "crop_canvas"):
+        np.testing.assert_array_equal(one[name][:], two[name][:], err_msg=name)
+
+
+def test_workflow_refuses_impossible_gpu_requests_at_parse_time():
+    from histopipe.config import load_preset
+    from histopipe.workflow import check_gpus
+
+    large = load_preset("large")
+    check_gpus(large, node_gpus=8)
+    assert (large["ldm"]["gpus"], large["vae"]["gpus"], large["synthesis"]["gpus"]) == (8, 4, 8)
+    with pytest.raises(ConfigError, match=r"^config.ldm.gpus=8 but the profile allows gpu=4 per node"):
+        check_gpus(large, node_gpus=4)
+    large["ldm"]["batch_size"] = 60
+    with pytest.raises(ConfigError, match=r"config.ldm.batch_size=60 is the global batch and must divide by the 8 processes"):
+        check_gpus(large)
+
+
+@pytest.mark.slow
+def test_slurm_dry_run_asks_for_the_configured_gpus(cmu_slide, tmp_path):
+    """``snakemake -n`` with the real SLURM profile: the LDM job asks for 2 GPUs (and twice
+    the CPUs and memory), embedding for 1; the plugin turns that into ``--gpus=N``."""
+    import re
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    from tests.helpers import snakemake
+
+    (tmp_path / "slides.tsv").write_text(f"slide_id\tpath\ncmu1\t{cmu_slide}\n")
+    (tmp_path / "gpus.yaml").write_text(yaml.safe_dump({"ldm": {"gpus": 2, "batch_size": 8}}))
+    r = snakemake(tmp_path, "-n", "--config", f"sheet={tmp_path / 'slides.tsv'}", f"results={tmp_path / 'results'}",
+                  profile="profiles/slurm", extra_configs=(tmp_path / "gpus.yaml",), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+
+    def jobs(rule: str) -> list[dict[str, str]]:
+        blocks = re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+resources: (.*)", out)
+        return [dict(kv.split("=", 1) for kv in b.split(", ")) for b in blocks]
+
+    def sbatch_gpus(resources: dict[str, str]) -> str:
+        job = SimpleNamespace(resources=SimpleNamespace(get=lambda k, d=None: resources.get(k, d), gres=None))
+        return set_gres_string(job).strip()
+
+    ldm, embed = jobs("train_ldm"), jobs("embed_tiles")
+    assert ldm and embed, out[-3000:]
+    for job in ldm:
+        assert job["gpu"] == "2" and int(job["mem_mb"]) == 2 * 32000
+        assert sbatch_gpus(job) == "--gpus=2"
+    for job in embed:
+        assert job["gpu"] == "1" and sbatch_gpus(job) == "--gpus=1"
+    assert all(job.get("gpu") == "1" for job in jobs("synthesize"))
+
+    (tmp_path / "too_many.yaml").write_text(yaml.safe_dump({"ldm": {"gpus": 16, "batch_size": 16}}))
+    r = snakemake(tmp_path, "-n", "--config", f"sheet={tmp_path / 'slides.tsv'}", f"results={tmp_path / 'results'}",
+                  profile="profiles/slurm", extra_configs=(tmp_path / "too_many.yaml",), timeout=900)
+    assert r.returncode != 0
+    assert "config.ldm.gpus=16 but the profile allows gpu=8 per node" in r.stdout + r.stderr

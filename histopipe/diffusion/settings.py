@@ -154,6 +154,7 @@ class LDMSettings(TrainLoopSettings):
 class SynthesisSettings:
     """Config section ``synthesis``."""
 
+    gpus: int = 1
     sampler: str = "dpmpp"
     steps: int = 25
     guidance_scale: float = 2.0
