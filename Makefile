@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CORES ?= 2
 DEMO_DIR ?= resources/demo
 
-.PHONY: venv demo quality test lint clean-demo
+.PHONY: venv demo quality test lint clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -46,6 +46,12 @@ quality: venv
 		--set-threads $(QUALITY_THREADS) -- ablation && \
 	echo "quality run: $$(( ($$(date +%s) - start) / 60 )) min on $(CORES) cores" | tee results/quality/wall.txt
 	$(BIN)/python benchmarks/quality.py results/quality --out benchmarks/quality
+
+# On a machine with one CUDA GPU (under 8 minutes): embedding, LDM training and sampling,
+# VAE throughput -> results/gpu_check/gpu_check.{json,md}. GPU_CHECK_ARGS=--smoke: CPU, seconds.
+GPU_CHECK_ARGS ?=
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check $(GPU_CHECK_ARGS)
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
