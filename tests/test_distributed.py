@@ -11,6 +11,7 @@ tolerance, not exactly. A 2-process run whose second process dies after a checkp
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ from tests.diffusion_helpers import tiny_vae, write_patch_store
 
 STEPS = 6
 # Per-step loss of 2 processes against 1 (relative): the random draws differ, the data and
-# the averaged gradients do not. Measured: at most ~0.07 per step, 0.03 on the mean.
+# the averaged gradients do not. Measured (6 steps): at most 0.13 per step, 0.003 on the mean.
 STEP_RTOL = 0.25
 MEAN_RTOL = 0.08
 
@@ -130,7 +131,9 @@ def test_two_processes_follow_the_one_process_loss(inputs, one_process):
     assert (out / "model" / "model_index.json").is_file()
     ckpt = out / "checkpoints" / f"checkpoint-{STEPS}"
     assert sorted(p.name for p in ckpt.glob("generator_*.pt")) == ["generator_0.pt", "generator_1.pt"]
-    assert len(list((out / "logs").rglob("events.out.tfevents.*"))) == 1  # the main process logs alone
+    # The main process logs alone: every TensorBoard file (losses, hparams) names one process id.
+    writers = {re.search(r"\.(\d+)\.\d+$", p.name).group(1) for p in (out / "logs").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1, writers
 
 
 @pytest.mark.slow
@@ -199,7 +202,6 @@ def test_workflow_refuses_impossible_gpu_requests_at_parse_time():
 def test_slurm_dry_run_asks_for_the_configured_gpus(cmu_slide, tmp_path):
     """``snakemake -n`` with the real SLURM profile: the LDM job asks for 2 GPUs (and twice
     the CPUs and memory), embedding for 1; the plugin turns that into ``--gpus=N``."""
-    import re
     from types import SimpleNamespace
 
     from snakemake_executor_plugin_slurm.utils import set_gres_string
