@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CORES ?= 2
 DEMO_DIR ?= resources/demo
 
-.PHONY: venv demo quality test lint profile clean-demo
+.PHONY: venv demo quality test lint profile clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ quality: venv
 # profile folder (idempotent; stops rather than replace a profile of yours of that name).
 profile: venv
 	$(BIN)/histopipe install-profile slurm
+
+# On a machine with one CUDA GPU (under 8 minutes): embedding, LDM training and sampling,
+# VAE throughput -> results/gpu_check/gpu_check.{json,md}. GPU_CHECK_ARGS=--smoke: CPU, seconds.
+GPU_CHECK_ARGS ?=
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check $(GPU_CHECK_ARGS)
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

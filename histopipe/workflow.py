@@ -13,6 +13,43 @@ from histopipe.errors import ConfigError
 from histopipe.sheet import SlideEntry
 from histopipe.tiling import TilingConfig
 
+# Config sections of the jobs that may run on several GPUs of one node (key: gpus); in the
+# training ones batch_size is the global batch, divided over the processes.
+MULTI_GPU = ("vae", "ldm", "nuclei.train", "synthesis")
+TRAINING = ("vae", "ldm", "nuclei.train")
+
+
+def _section(config: dict, key: str) -> dict:
+    for part in key.split("."):
+        config = config.get(part, {})
+    return config
+
+
+def job_gpus(config: dict, key: str) -> int:
+    """GPUs (one process each) of the job configured by section ``key`` (e.g. ``ldm``)."""
+    return int(_section(config, key).get("gpus", 1))
+
+
+def check_gpus(config: dict, node_gpus: int | None = None) -> None:
+    """Refuse, before any job starts, a multi-GPU setting that cannot run: a global batch
+    that does not divide over the processes, or more GPUs than a node has (``node_gpus``,
+    the profile's ``gpu`` resource; None: not checked)."""
+    from histopipe.distributed import per_process_batch
+
+    for key in MULTI_GPU:
+        if key == "vae" and config["vae"].get("pretrained"):
+            continue
+        if key.startswith("nuclei") and not config.get("nuclei", {}).get("enabled"):
+            continue
+        gpus = job_gpus(config, key)
+        if key in TRAINING:
+            per_process_batch(int(_section(config, key).get("batch_size", 1)), gpus, key)
+        if node_gpus is not None and gpus > node_gpus:
+            raise ConfigError(
+                f"config.{key}.gpus={gpus} but the profile allows gpu={node_gpus} per node "
+                f"(raise the profile's `gpu` resource, or --resources gpu=N, where nodes have more)"
+            )
+
 
 class Cohort:
     """The validated cohort sheet plus the config, with the output lists of each stage."""

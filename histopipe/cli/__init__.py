@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The arguments as given: commands that start several processes rerun themselves with them.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    # Under torchrun the other processes only log warnings: the main one tells the story.
+    quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.captureWarnings(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from histopipe.config import add_config_args, config_from_args
@@ -106,10 +107,17 @@ def register_models(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from histopipe.distributed import relaunch
+    from histopipe.nuclei.settings import train_settings
     from histopipe.nuclei.training import train_nuclei
 
-    model = train_nuclei(config_from_args(args), args.store, args.out, vae=args.vae)
-    print(f"nuclei model -> {model}")
+    cfg = config_from_args(args)
+    s = train_settings(cfg)
+    if (rc := relaunch(s.gpus, args.argv, s.batch_size, "nuclei.train")) is not None:
+        return rc
+    model = train_nuclei(cfg, args.store, args.out, vae=args.vae)
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"nuclei model -> {model}")
     return 0
 
 

@@ -95,9 +95,12 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from histopipe.diffusion import synthesis as syn
     from histopipe.diffusion.data import BankCrops, PatchRows
     from histopipe.diffusion.settings import synthesis_settings
+    from histopipe.distributed import local_device, relaunch
 
     s = synthesis_settings(config_from_args(args))
-    pipe = load_pipeline(args.model, _device(args.device))
+    if (rc := relaunch(s.gpus, args.argv, None, "synthesis")) is not None:
+        return rc
+    pipe = load_pipeline(args.model, local_device(_device(args.device)))
     max_crops = int(pipe.config.max_crops)  # 0 for the variants that read no crops
     # The stamp makes parts of an interrupted run with an older model of the same path stale.
     meta = {"model": str(args.model), "model_stamp": _stamp(args.model), "mode": args.mode}

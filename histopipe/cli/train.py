@@ -4,7 +4,8 @@ dual-conditioned latent diffusion model on a training-patch store.
 Both write into a work folder OUT: ``OUT/model/`` (the ``save_pretrained`` export, renamed
 into place when training ends), ``OUT/checkpoints/checkpoint-<step>/`` (resumable state, newest
 complete one resumed automatically), ``OUT/logs/`` (TensorBoard) and ``OUT/samples/``.
-For several GPUs run them under ``accelerate launch -m histopipe ...``.
+With ``gpus: N > 1`` in the config section (``vae`` / ``ldm``) the command starts itself in
+N processes (torchrun, one per GPU) and waits for them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from histopipe.atomic import atomic_path
 from histopipe.config import add_config_args, config_from_args
+from histopipe.distributed import relaunch
 from histopipe.errors import HistopipeError
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ def run_vae(args: argparse.Namespace) -> int:
     from histopipe.diffusion.training import MODEL_DIR, train
 
     s = vae_settings(config_from_args(args))
+    if not s.pretrained and (rc := relaunch(s.gpus, args.argv, s.batch_size, "vae")) is not None:
+        return rc
     train_set, val_set, info = _datasets(args.dataset, s.memory_mb)
     scale_images = reference_batch(train_set, s.scale_samples, spread=True)["image"]
     if s.pretrained:
@@ -110,6 +114,8 @@ def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.training import train
 
     s = ldm_settings(config_from_args(args))
+    if (rc := relaunch(s.gpus, args.argv, s.batch_size, "ldm")) is not None:
+        return rc
     vae = load_vae(args.vae)
     train_set, val_set, info = _datasets(args.dataset, s.memory_mb)
     reference = reference_batch(val_set, max(s.eval_samples, 8), spread=True)

@@ -180,6 +180,10 @@ class ConditionEncoder(ModelMixin, ConfigMixin, _LevelLabels):
             size = self.config.crop_size
             crops = roi_align(pixels.flatten(0, 1), rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
             features = features.index_put((where[:, 0], where[:, 1]), self.style(crops))
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # No crop in this process's batch: the style network still takes part in the graph
+            # (zero weight), as DDP needs every trained parameter used in every step.
+            features = features + 0.0 * sum(p.sum() for p in self.style.parameters())
         style = torch.cat([features, mean, (var + 1e-6).sqrt()], dim=-1) * slots.valid[..., None].to(dtype)
         region = (maps[:, None] == slots.labels[:, :, None, None]) & slots.valid[:, :, None, None]  # (B, K, H, W)
         region = region.to(dtype)

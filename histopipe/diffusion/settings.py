@@ -20,6 +20,7 @@ INJECTIONS = ("input", "controlnet", "both")
 class TrainLoopSettings:
     """What the shared training loop needs (optimizer, schedule, checkpoints, logging)."""
 
+    gpus: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 500
@@ -153,6 +154,7 @@ class LDMSettings(TrainLoopSettings):
 class SynthesisSettings:
     """Config section ``synthesis``."""
 
+    gpus: int = 1
     sampler: str = "dpmpp"
     steps: int = 25
     guidance_scale: float = 2.0

@@ -16,7 +16,9 @@ the patch-store row whose map it was drawn for, -1 for user maps), ``images/<id>
 ``labels/<id>.png`` (16-bit ids) and ``manifest.csv`` / ``manifest.json`` (map source, crop
 sources, seed, sampler, steps, guidance). Item i uses seed ``seed + i`` and its own crop
 placement generator, so results do not depend on batch size or on resumption; finished
-batches are kept in ``parts/`` until the run completes, and a rerun skips them.
+batches are kept in ``parts/`` until the run completes, and a rerun skips them. With
+``synthesis.gpus: N`` the command runs in N processes (torchrun), each making every N-th
+batch; the main process assembles the store, identical to a one-process run's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from histopipe.diffusion.conditioning import PlacedCrop, slots_from_placed
 from histopipe.diffusion.data import BankCrops, PatchRows, center_square
 from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import SynthesisSettings
+from histopipe.distributed import barrier, process_group
 from histopipe.errors import HistopipeError
 from histopipe.regions import largest_square, sample_square
 
@@ -244,17 +247,24 @@ def synthesize(
     parts = out_dir / "parts"
     fingerprint = _fingerprint({**meta, "batch_size": s.batch_size, "write_png": s.write_png}, items)
     stamp = parts / "fingerprint.txt"
-    if parts.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
-        log.warning("%s: discarding parts of an earlier run with other settings", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, fingerprint)
+    rank, world = process_group()
+    if rank == 0:
+        if parts.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+            log.warning("%s: discarding parts of an earlier run with other settings", parts)
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, fingerprint)
+    barrier()
     pipe.use_sampler(s.sampler)
     pipe.set_progress_bar_config(disable=True)
     max_crops = max(int(pipe.config.max_crops), 1)
     device = pipe._execution_device
-    for j in range(0, len(items), s.batch_size):
-        part = parts / f"batch-{j // s.batch_size:06d}.npz"
+    n_batches = -(-len(items) // s.batch_size)
+    # Whole batches, round robin over the processes: every image is made in the same batch
+    # with the same seed whatever the number of processes, so the output is the same.
+    for b in range(rank, n_batches, world):
+        j = b * s.batch_size
+        part = parts / f"batch-{b:06d}.npz"
         if part.is_file():
             continue
         batch = items[j : j + s.batch_size]
@@ -270,7 +280,10 @@ def synthesize(
                 atomic_write_bytes(out_dir / "labels" / f"{it.item_id}.png", _png_bytes(it.map.astype(np.uint16)))
         with atomic_path(part) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=out.images)
-        log.info("synthesized %d/%d", min(j + s.batch_size, len(items)), len(items))
+        log.info("synthesized batch %d of %d (%d images)", b + 1, n_batches, len(batch))
+    barrier()
+    if rank != 0:  # the main process assembles the store from every process's parts
+        return out_dir / "manifest.csv"
     return _assemble(pipe, items, out_dir, s, meta, level_luts)
 
 

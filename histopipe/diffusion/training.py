@@ -1,7 +1,14 @@
 """The ``accelerate`` training loop shared by the VAE and the latent diffusion model.
 
-One process per GPU (``accelerate launch``) or a single CPU/GPU process; bf16 autocast on
+One process per GPU (``gpus: N`` in the model's config section: the command starts itself
+under torchrun, see ``histopipe.distributed``) or a single CPU/GPU process; bf16 autocast on
 CUDA; gradient accumulation; EMA of the trained weights; warm-up + cosine/constant LR.
+
+Several processes train exactly the batches one process would: ``batch_size`` is the global
+batch, each process takes its slice of every global batch (``batch_size / N`` samples) and
+DDP averages the gradients. The main process alone keeps the EMA and writes checkpoints,
+logs, sample grids, evaluations and the export. Data order and LR schedule depend on the
+step only, so a run may resume with a different number of processes.
 
 Resumption: every ``checkpoint_every`` optimizer steps the full state (weights, optimizer,
 LR scheduler, EMA, the explicit random generator, the global RNGs and the step) is written by
@@ -24,13 +31,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -39,6 +47,7 @@ from tqdm.auto import tqdm
 
 from histopipe.atomic import atomic_path, atomic_write_text
 from histopipe.diffusion.settings import TrainLoopSettings
+from histopipe.distributed import in_launched_process, maybe_crash
 from histopipe.errors import HistopipeError
 
 log = logging.getLogger(__name__)
@@ -80,34 +89,37 @@ class TrainResult:
 
 
 class StreamBatchSampler(Sampler):
-    """Batches of consecutive indices from an endless stream of per-epoch permutations.
+    """Global batches of consecutive indices from an endless stream of per-epoch
+    permutations, each process taking its slice.
 
-    Epoch e is ``randperm(n)`` seeded with ``seed + e``, sharded over processes; batch j of the
-    stream depends only on (seed, j), so training resumes at batch ``start`` with the same
-    data order. Batches may straddle epochs (small datasets still give full batches).
+    Epoch e is ``randperm(n)`` seeded with ``seed + e``; global batch j of the stream depends
+    only on (seed, j), so training resumes at batch ``start`` with the same data order, with
+    any number of processes. Process ``rank`` of ``world`` gets samples ``[rank * b, (rank +
+    1) * b)`` of each global batch (``b = batch_size / world``). Batches may straddle epochs
+    (small datasets still give full batches).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
         if n < 1:
             raise HistopipeError("the training set is empty")
+        if batch_size % world:
+            raise HistopipeError(f"the global batch of {batch_size} does not divide over {world} processes")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
         self.rank, self.world = rank, world
 
     def _epoch(self, e: int) -> list[int]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
-        shard = perm[self.rank :: self.world]
-        return shard or perm  # fewer samples than processes: every process sees them all
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         pos = self.start * self.batch_size
-        epoch_len = len(self._epoch(0))
-        e, offset = divmod(pos, epoch_len)
+        e, offset = divmod(pos, self.n)
         buf = self._epoch(e)[offset:]
+        b = self.batch_size // self.world
         while True:
             while len(buf) < self.batch_size:
                 e += 1
                 buf += self._epoch(e)
-            yield buf[: self.batch_size]
+            yield buf[self.rank * b : (self.rank + 1) * b]
             buf = buf[self.batch_size :]
 
 
@@ -165,12 +177,19 @@ def train(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     accelerator = Accelerator(
+        # Without CUDA, processes started by torchrun only form a group (gloo) when told
+        # they run on the CPU.
+        cpu=in_launched_process() and not torch.cuda.is_available(),
         mixed_precision=mixed_precision_mode(s.mixed_precision),
         gradient_accumulation_steps=s.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        # The other processes wait in the next all-reduce while the main one evaluates or
+        # writes a checkpoint; a process that dies ends the job through the launcher.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
     )
     main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(s.seed)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     task.to(accelerator.device, compute_dtype)
@@ -181,23 +200,24 @@ def train(
     # foreach: one fused update over all tensors instead of a Python loop per tensor (torch
     # picks it by default on CUDA only; on the CPU it halves the optimizer's share of a step).
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True)
-    n_proc = accelerator.num_processes  # the prepared scheduler steps once per process
+    # Stepped once per optimizer step in every process (not prepared: accelerate would step
+    # it once per process), so its checkpointed state does not depend on the process count.
     lr_scheduler = get_scheduler(
         "cosine" if s.lr_schedule == "cosine" else "constant_with_warmup",
         optimizer,
-        num_warmup_steps=s.warmup_steps * n_proc,
-        num_training_steps=s.max_steps * n_proc,
+        num_warmup_steps=s.warmup_steps,
+        num_training_steps=s.max_steps,
     )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
-    if s.ema_decay > 0:
+    if s.ema_decay > 0 and main:  # the weights are the same in every process: one EMA is enough
         ema = EMAModel(params, decay=s.ema_decay, foreach=True)
         ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)  # saved and loaded by the main process only
     # One generator per process (accelerate saves registered objects from the main process
     # only, so each process checkpoints its own generator: see _save_checkpoint).
-    gen = torch.Generator(device=accelerator.device).manual_seed(s.seed * 1000 + accelerator.process_index)
-    if ema is not None:  # identical in every process, like the weights
-        accelerator.register_for_checkpointing(ema)
+    gen = torch.Generator(device=accelerator.device).manual_seed(s.seed * 1000 + rank)
 
     step = 0
     if main and ckpt_dir.is_dir():
@@ -208,21 +228,20 @@ def train(
     if done:
         step, path = done[-1]
         accelerator.load_state(str(path))
-        _load_generator(gen, path, accelerator.process_index, s.seed, step)
-        log.info("%s: resumed from %s (step %d)", task.name, path, step)
+        _load_generator(gen, path, rank, s.seed, step)
+        log.info("%s: resumed from %s (step %d, %d process(es))", task.name, path, step, world)
     if main:
         # Evaluations after the checkpoint we resume from are redone: drop their lines.
         _write_progress(out_dir, [r for r in read_progress(out_dir) if r["step"] <= step])
     result = TrainResult(step=step, resumed_from=step)
 
-    sampler = StreamBatchSampler(
-        len(dataset), s.batch_size, s.seed, start=step * s.grad_accum,
-        rank=accelerator.process_index, world=accelerator.num_processes,
-    )
+    sampler = StreamBatchSampler(len(dataset), s.batch_size, s.seed, start=step * s.grad_accum, rank=rank, world=world)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.num_workers, pin_memory=accelerator.device.type == "cuda")
     batches = iter(loader)
     if main:
         accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(s).items()})
+        if world > 1:
+            log.info("%s: %d processes, %d samples each of every global batch of %d", task.name, world, s.batch_size // world, s.batch_size)
     bar = tqdm(total=s.max_steps, initial=step, desc=task.name, disable=not main, dynamic_ncols=True)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
@@ -236,10 +255,11 @@ def train(
                 if accelerator.sync_gradients and s.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, s.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach().float())
+        lr_scheduler.step()
         step += 1
+        maybe_crash(step, rank)
         if ema is not None:
             ema.step(params)
         loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()

@@ -8,13 +8,23 @@ from histopipe import paths
 from histopipe.errors import HistopipeError
 from histopipe.nuclei.sheet import read_nuclei_sheet
 from histopipe.sheet import read_sheet
-from histopipe.workflow import Cohort
+from histopipe.workflow import Cohort, check_gpus, job_gpus
 
 
 validate(config, "../schemas/config.schema.yaml")
+
+
+def profile_gpus():
+    """The profile's (or --resources) `gpu`: the GPUs of one node; None when not set."""
+    value = workflow.global_resources.get("gpu")
+    value = getattr(value, "value", value)  # Snakemake 9 wraps resource values
+    return value if isinstance(value, int) else None
+
+
 try:
     COHORT = Cohort(read_sheet(config["sheet"]), config)
     NUCLEI_SOURCES = read_nuclei_sheet(config["nuclei"]["sheet"]) if config["nuclei"]["enabled"] else []
+    check_gpus(config, profile_gpus())
 except HistopipeError as err:
     raise WorkflowError(str(err)) from None
 
@@ -67,6 +77,11 @@ def batch_commands(stage, output_name, config_json="{}"):
     return lambda wildcards, output: COHORT.batch_commands(
         stage, wildcards.batch, output[output_name], config_json, config["on_error"]
     )
+
+
+def gpus(key):
+    """GPUs of a multi-GPU job (config ``<key>.gpus``); its CPUs and memory scale with them."""
+    return job_gpus(config, key)
 
 
 def config_json(*sections):

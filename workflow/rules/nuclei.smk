@@ -65,13 +65,13 @@ if config["nuclei"]["enabled"]:
             paths.LOG.format(results=R, rule="train_nuclei", name=NUCLEI_MODE),
         benchmark:
             paths.BENCHMARK.format(results=R, rule="train_nuclei", name=NUCLEI_MODE)
-        threads: 4
+        threads: 4 * gpus("nuclei.train")
         conda:
             "../envs/histopipe.yaml"
         resources:
-            mem_mb=32000,
+            mem_mb=32000 * gpus("nuclei.train"),
             runtime=2880,
-            gpu=1,
+            gpu=gpus("nuclei.train"),
         shell:
             "histopipe train-nuclei {input.store:q} --out {params.work:q} {params.vae} "
             "--config-json {params.cfg:q} > {log:q} 2>&1"

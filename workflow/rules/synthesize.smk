@@ -15,13 +15,13 @@ rule synthesize:
         paths.LOG.format(results=R, rule="synthesize", name=join_name(DATASET, "{variant}")),
     benchmark:
         paths.BENCHMARK.format(results=R, rule="synthesize", name=join_name(DATASET, "{variant}"))
-    threads: 2
+    threads: 2 * gpus("synthesis")
     conda:
         "../envs/histopipe.yaml"
     resources:
-        mem_mb=16000,
+        mem_mb=16000 * gpus("synthesis"),
         runtime=720,
-        gpu=1,
+        gpu=gpus("synthesis"),
     shell:
         "histopipe synthesize --model {input.model:q} --out {params.out:q} --mode held-out "
         "--dataset {input.dataset:q} --split {params.split} --config-json {params.cfg:q} > {log:q} 2>&1"

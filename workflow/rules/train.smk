@@ -1,3 +1,5 @@
+# vae.gpus / ldm.gpus > 1: the job asks for that many GPUs of one node (threads and memory
+# scale with them) and the command starts one process per GPU itself.
 # Checkpoints live beside the model folder (…/checkpoints), outside the declared output, so
 # a preempted or failed job resumes from the newest complete checkpoint when rerun.
 if not config["vae"]["pretrained"]:
@@ -14,13 +16,13 @@ if not config["vae"]["pretrained"]:
             paths.LOG.format(results=R, rule="train_vae", name=DATASET),
         benchmark:
             paths.BENCHMARK.format(results=R, rule="train_vae", name=DATASET)
-        threads: 4
+        threads: 4 * gpus("vae")
         conda:
             "../envs/histopipe.yaml"
         resources:
-            mem_mb=32000,
+            mem_mb=32000 * gpus("vae"),
             runtime=1440,
-            gpu=1,
+            gpu=gpus("vae"),
         shell:
             "histopipe train-vae --dataset {input.dataset:q} --out {params.work:q} "
             "--config-json {params.cfg:q} > {log:q} 2>&1"
@@ -40,13 +42,13 @@ rule train_ldm:
         paths.LOG.format(results=R, rule="train_ldm", name=join_name(DATASET, "{variant}")),
     benchmark:
         paths.BENCHMARK.format(results=R, rule="train_ldm", name=join_name(DATASET, "{variant}"))
-    threads: 4
+    threads: 4 * gpus("ldm")
     conda:
         "../envs/histopipe.yaml"
     resources:
-        mem_mb=32000,
+        mem_mb=32000 * gpus("ldm"),
         runtime=2880,
-        gpu=1,
+        gpu=gpus("ldm"),
     shell:
         "histopipe train-ldm --dataset {input.dataset:q} --vae {input.vae:q} --out {params.work:q} "
         "--segmenter {input.segmenter:q} --config-json {params.cfg:q} > {log:q} 2>&1"
