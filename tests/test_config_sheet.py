@@ -10,7 +10,8 @@ from histopipe.tiling import TilingConfig
 
 def test_defaults_filled_for_every_section():
     cfg = load_config(None)
-    assert cfg["tiling"] == {"mpp": 0.5, "tile_size": 256, "overlap": 0, "min_tissue": 0.25, "mpp_tolerance": 0.05}
+    assert cfg["tiling"] == {"mpp": 0.5, "tile_size": 256, "overlap": 0, "min_tissue": 0.25, "mpp_tolerance": 0.05,
+                             "min_sharpness": 500.0, "blur_mpp": 2.0, "blur_action": "flag"}
     assert cfg["tissue"]["mask_mpp"] == 8.0
     assert section(cfg, "tiling", TilingConfig).id == "mpp0.5_px256"
 
