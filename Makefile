@@ -37,7 +37,7 @@ QUALITY_ARGS = --profile profiles/local --configfile config/config.yaml config/d
 QUALITY_THREADS = train_vae=1 train_segmenter=1 train_ldm=1 synthesize=1 evaluate_distribution=1 \
 	evaluate_segmentation=1 evaluate_fidelity=1 flag_hallucinations=1
 
-# The quality run (config/presets/cpu.yaml on the demo cohort, under an hour on 2 cores): every
+# The quality run (config/presets/cpu.yaml on the demo cohort, about an hour on 2 cores): every
 # variant trained, synthesised and evaluated; the summary goes to benchmarks/quality.md.
 quality: venv
 	start=$$(date +%s); \
