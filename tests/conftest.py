@@ -18,6 +18,18 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss on one OpenMP thread for a module's tests (tiny problems on a shared 2-core
+    machine: more threads only add waiting)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cmu_slide() -> Path:
     """The real Aperio slide CMU-1-Small-Region (cached after the first fetch)."""

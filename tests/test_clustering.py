@@ -21,15 +21,7 @@ from tests.synthetic_stores import blobs, grid_coords, write_embedding_store
 DIM = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Tiny problems on a shared 2-core machine: OpenMP threads only add waiting.
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,7 @@ SIZES = [2500, 1800, 150, 900, 0, 1200]  # tiles per slide; one slide without ti
 CFG = ClusterConfig(k=8, levels=(8, 4, 2, 1), per_slide_cap=400, total_cap=1500, niter=20, normalize="l2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Tiny problems on a shared 2-core machine: OpenMP threads only add waiting.
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def write_cohort(root, sizes=SIZES) -> list:

@@ -19,15 +19,7 @@ SIZES = [400, 380, 150, 400, 0, 300]  # sampled tiles per slide; one slide witho
 CFG = ClusterConfig(k=8, levels=(8, 4, 2, 1), per_slide_cap=400, total_cap=5000, niter=20, batch_centroids=4000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Tiny problems on a shared 2-core machine: OpenMP threads only add waiting.
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
