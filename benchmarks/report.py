@@ -25,26 +25,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cohort_memory import build_inputs, child_env, cpu_model  # noqa: E402
-from benchmarks.status import DEFAULT_CONFIGS, build_tree, load_cohort, timed  # noqa: E402
+from benchmarks.cohort_memory import child_env, cpu_model  # noqa: E402
+from benchmarks.status import add_source_arguments, build_tree, load_cohort, timed, tree_source  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/report_bench"))
-    ap.add_argument("--source", type=Path, default=None, help="results folder with the demo cohort's per-slide outputs")
-    ap.add_argument("--demo-sheet", type=Path, default=ROOT / "resources" / "demo" / "slides.tsv")
-    ap.add_argument("--configs", type=Path, nargs="+", default=list(DEFAULT_CONFIGS), help="config files of --source")
-    ap.add_argument("--cores", type=int, default=2)
+    add_source_arguments(ap)
     args = ap.parse_args()
     env = child_env(1)
-    source = args.source
-    if source is None:
-        build_inputs(args.work / "inputs", args.cores, env)
-        source = args.work / "inputs" / "demo" / "results"
-        args.demo_sheet = args.work / "inputs" / "demo" / "cohort" / "slides.tsv"
-    configs = [c.resolve() for c in args.configs]
+    source, configs = tree_source(args, env)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
     print(f"{'slides':>7} {'slide-table s':>14} {'CPU s':>6} {'--report s':>11} {'CPU s':>6} {'HTML MB':>8} "
           f"{'zip MB':>7} {'images':>7} {'table rows':>11}")

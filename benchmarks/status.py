@@ -145,25 +145,36 @@ def timed(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, f
     return wall, cpu, out, rc
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/status_bench"))
+def add_source_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that say where the per-slide outputs copied into a constructed tree come from."""
     ap.add_argument("--source", type=Path, default=None, help="results folder with the demo cohort's per-slide outputs")
     ap.add_argument("--demo-sheet", type=Path, default=ROOT / "resources" / "demo" / "slides.tsv",
                     help="the demo cohort's sheet (written there by histopipe demo-cohort when missing)")
     ap.add_argument("--configs", type=Path, nargs="+", default=list(DEFAULT_CONFIGS), help="config files of --source")
     ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--summary-timeout", type=float, default=1800, help="seconds before snakemake --summary is given up")
-    ap.add_argument("--no-summary", action="store_true", help="time histopipe status only")
-    args = ap.parse_args()
-    env = child_env(1)
+
+
+def tree_source(args: argparse.Namespace, env: dict) -> tuple[Path, list[Path]]:
+    """The results folder to copy from (the demo cohort run under --work when --source is not
+    given; --demo-sheet then points at its sheet) and the resolved config files."""
     source = args.source
     if source is None:
         build_inputs(args.work / "inputs", args.cores, env)
         source = args.work / "inputs" / "demo" / "results"
         args.demo_sheet = args.work / "inputs" / "demo" / "cohort" / "slides.tsv"
-    configs = [c.resolve() for c in args.configs]
+    return source, [c.resolve() for c in args.configs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/status_bench"))
+    add_source_arguments(ap)
+    ap.add_argument("--summary-timeout", type=float, default=1800, help="seconds before snakemake --summary is given up")
+    ap.add_argument("--no-summary", action="store_true", help="time histopipe status only")
+    args = ap.parse_args()
+    env = child_env(1)
+    source, configs = tree_source(args, env)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
     print(f"{'slides':>7} {'command':<20} {'wall s':>8} {'CPU s':>7}  result")
     for n in args.slides:
