@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.diffusion import sync, synthetic_batch  # noqa: E402
 from histopipe.atomic import atomic_path, atomic_write_text  # noqa: E402
 from histopipe.config import load_preset  # noqa: E402
 from histopipe.demo import _read_full, fetch_cmu_slide  # noqa: E402
@@ -88,11 +89,6 @@ SMOKE = Sizes(
     num_workers=1, image_sizes=(32,), train_batch=2, train_steps=1, sample_batch=1, sample_steps=2, vae_batch=2,
     precision="fp32",
 )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -214,24 +210,6 @@ def check_embedding(sizes: Sizes, device: torch.device, folder: Path) -> list[di
 
 
 # --- the LDM and its VAE ----------------------------------------------------------------
-def synthetic_batch(n: int, size: int, max_crops: int, num_labels: int) -> dict[str, torch.Tensor]:
-    """n patches of three rectangular regions with one crop each."""
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.uniform(-1, 1, (n, 3, size, size)).astype(np.float32))
-    maps = torch.zeros(n, size, size, dtype=torch.long)
-    boxes = torch.zeros(n, max_crops, 3, dtype=torch.long)
-    labels = torch.zeros(n, max_crops, dtype=torch.long)
-    valid = torch.zeros(n, max_crops, dtype=torch.bool)
-    half, side = size // 2, size // 4
-    for i in range(n):
-        types = rng.choice(np.arange(1, num_labels), 3, replace=False)
-        maps[i, :half], maps[i, half:, :half], maps[i, half:, half:] = (int(t) for t in types)
-        for k, (y, x) in enumerate([(0, 0), (half, 0), (half, half)][:max_crops]):
-            boxes[i, k] = torch.tensor([y + 2, x + 2, side])
-            labels[i, k], valid[i, k] = int(types[k]), True
-    return {"image": images, "map": maps, "crop_boxes": boxes, "crop_labels": labels, "crop_valid": valid}
-
-
 def check_ldm(sizes: Sizes, device: torch.device, size: int) -> dict:
     cfg = load_preset(sizes.preset, {"ldm": {"variant": "map_crops", "injection": "controlnet"}})
     vae_s, ldm_s = vae_settings(cfg), ldm_settings(cfg)
