@@ -219,6 +219,7 @@ class SlideSample:
     rows: np.ndarray  # (m,) int64 rows of the slide's embedding store
     features: np.ndarray  # (m, D) float32, normalised
     info: StoreInfo  # the slide's embedding store
+    raw: np.ndarray | None = None  # (m, D) as the store holds them (float16), when read from one
 
 
 def sample_slide(path: str | Path, per_slide_cap: int, seed: int, normalize: str = "l2") -> SlideSample:
@@ -230,9 +231,11 @@ def sample_slide(path: str | Path, per_slide_cap: int, seed: int, normalize: str
     """
     info = store_info(path)
     rows = diversity_sample(path, min(info.n, per_slide_cap), _slide_seed(seed, info.slide_id), normalize)
-    features = read_rows(path, rows, normalize)
+    raw = read_rows(path, rows, "none")
+    features = normalize_rows(raw.copy(), normalize)
     order = priority_order(features)
-    return SlideSample(rows[order], np.ascontiguousarray(features[order]), info)
+    dtype = zarr.open_group(Path(path), mode="r")["features"].dtype
+    return SlideSample(rows[order], np.ascontiguousarray(features[order]), info, np.ascontiguousarray(raw[order].astype(dtype)))
 
 
 def _sample_prefix(args: tuple[str, int, int, int, str]) -> tuple[np.ndarray, np.ndarray]:

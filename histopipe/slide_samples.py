@@ -4,10 +4,14 @@
 (``paths.CLUSTER_SAMPLE``), so sampling a cohort is one independent, resumable job per
 slide, and the cohort fit reads only these stores, never the embedding stores:
 
-- ``features`` float32 (m, D): the sampled tiles' features, normalised as configured;
+- ``features`` (m, D): the sampled tiles' features as the embedding store holds them
+  (float16: half the disk of float32, and no rounding), normalised as configured when read
+  (``read_prefix``, ``iter_sample_blocks``), so that the fit sees the float32 values it
+  would compute from the embedding store itself;
 - ``rows`` int64 (m,): their rows in the slide's embedding store;
 - attrs: slide_id, n_tiles (tiles of the slide), dim, encoder, weights_sha256, tiling,
-  embeddings (the store sampled), per_slide_cap, seed, normalize, order = "priority".
+  embeddings (the store sampled), per_slide_cap, seed, normalize, order = "priority",
+  features = "raw" (stores without it hold float32 features already normalised).
 
 m = min(n_tiles, per_slide_cap). Rows are in priority order (farthest-point traversal,
 ``sampling.priority_order``): every prefix is a covering subset, so the cohort step applies
@@ -34,10 +38,12 @@ from histopipe.sampling import (
     assemble,
     check_compatible,
     check_unique_slides,
+    normalize_rows,
     slide_quotas,
 )
 
 ORDER = "priority"
+RAW = "raw"  # attrs["features"]: stored as embedded, normalised when read
 # Rows per chunk of a sample's features (1.5 MB at D = 1536): a short prefix reads little.
 CHUNK_ROWS = 256
 # Settings that must match between the sample stores and the fit, or the cohort sample would
@@ -55,10 +61,13 @@ def write_sample(out: str | Path, sample: SlideSample, per_slide_cap: int, seed:
         "embeddings": str(info.path), "per_slide_cap": int(per_slide_cap), "seed": int(seed),
         "normalize": normalize, "order": ORDER,
     }
+    if sample.raw is not None:  # as embedded; normalised when read
+        features, attrs["features"] = sample.raw, RAW
+    else:  # a sample built without its raw rows: the normalised float32 features
+        features = np.asarray(sample.features, dtype=np.float32)
     with atomic_path(out) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.create_array("features", data=np.asarray(sample.features, dtype=np.float32).reshape(m, dim),
-                          chunks=(max(1, min(m, CHUNK_ROWS)), dim))
+        root.create_array("features", data=features.reshape(m, dim), chunks=(max(1, min(m, CHUNK_ROWS)), dim))
         root.create_array("rows", data=np.asarray(sample.rows, dtype=np.int64), chunks=(max(1, m),))
         root.attrs.update(attrs)
 
@@ -92,10 +101,16 @@ def sample_info(path: str | Path) -> SampleInfo:
     return SampleInfo(StoreInfo(path, str(attrs["slide_id"]), n, int(features.shape[1]), attrs), m)
 
 
+def _features(group, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a sample store's features, float32, normalised as sampled."""
+    x = np.asarray(group["features"][start:stop], dtype=np.float32)
+    return normalize_rows(x, group.attrs["normalize"]) if group.attrs.get("features") == RAW else x
+
+
 def read_prefix(path: str | Path, q: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``q`` rows of a sample store: rows int64 (q,), features float32 (q, D)."""
     group = zarr.open_group(Path(path), mode="r")
-    return np.asarray(group["rows"][:q], dtype=np.int64), np.asarray(group["features"][:q], dtype=np.float32)
+    return np.asarray(group["rows"][:q], dtype=np.int64), _features(group, 0, q)
 
 
 def open_samples(paths: Sequence[str | Path], per_slide_cap: int, seed: int, normalize: str) -> list[SampleInfo]:
@@ -123,7 +138,7 @@ def iter_sample_blocks(samples: Sequence[SampleInfo], block_rows: int = 16 * CHU
     """
     def read(job: tuple[Path, int, int]) -> np.ndarray:
         path, start, stop = job
-        return np.asarray(zarr.open_group(path, mode="r")["features"][start:stop], dtype=np.float32)
+        return _features(zarr.open_group(path, mode="r"), start, stop)
 
     jobs = ((s.store.path, a, min(a + block_rows, s.m)) for s in samples for a in range(0, s.m, block_rows))
     with ThreadPoolExecutor(1) as pool:

@@ -14,7 +14,7 @@ from histopipe.cli import main
 from histopipe.clustering import ClusterConfig, fit, fit_samples
 from histopipe.errors import HistopipeError
 from histopipe.sampling import priority_order, read_rows, sample_cohort, sample_slide, slide_quotas
-from histopipe.slide_samples import cohort_from_samples, sample_info, write_sample
+from histopipe.slide_samples import cohort_from_samples, read_prefix, sample_info, write_sample
 from tests.helpers import run_cli
 from tests.synthetic_stores import blobs, grid_coords, write_embedding_store
 
@@ -26,14 +26,15 @@ CFG = ClusterConfig(k=8, levels=(8, 4, 2, 1), per_slide_cap=400, total_cap=1500,
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
-def write_cohort(root, sizes=SIZES) -> list:
+def write_cohort(root, sizes=SIZES, dtype=np.float32) -> list:
     """Slides of Gaussian blobs (8 modes), listed in reverse slide-id order."""
     centers = np.random.default_rng(1).standard_normal((8, DIM)).astype(np.float32) * 4
     rng = np.random.default_rng(0)
     paths = []
     for s, n in enumerate(sizes):
         x, _ = blobs(n, centers, 0.3, rng)
-        paths.append(write_embedding_store(root / f"s{s}.emb.zarr", x.reshape(n, DIM), grid_coords(1, n, 256), slide_id=f"s{s}"))
+        paths.append(write_embedding_store(root / f"s{s}.emb.zarr", x.reshape(n, DIM).astype(dtype), grid_coords(1, n, 256),
+                                           slide_id=f"s{s}"))
     return paths[::-1]
 
 
@@ -70,9 +71,15 @@ def test_slide_sample_respects_cap_is_deterministic_and_round_trips(tmp_path):
     attrs = info.store.attrs
     assert (attrs["per_slide_cap"], attrs["seed"], attrs["normalize"], attrs["order"], attrs["encoder"]) == (300, 3, "l2", "priority", "synthetic")
     g = zarr.open_group(tmp_path / "s.zarr", mode="r")
-    assert g["features"].dtype == np.float32 and g["rows"].dtype == np.int64
+    # Stored as embedded (float16 from embed-tiles: half of float32 on disk), normalised when
+    # read: the fit sees exactly the features the embedding store gives.
+    assert g["features"].dtype == zarr.open_group(store, mode="r")["features"].dtype
+    assert g["rows"].dtype == np.int64 and attrs["features"] == "raw"
     np.testing.assert_array_equal(g["rows"][:], a.rows)
-    np.testing.assert_array_equal(g["features"][:], a.features)
+    np.testing.assert_array_equal(np.asarray(g["features"][:], np.float32), read_rows(store, a.rows, "none"))
+    rows, features = read_prefix(tmp_path / "s.zarr", 120)
+    np.testing.assert_array_equal(rows, a.rows[:120])
+    np.testing.assert_array_equal(features, a.features[:120])
 
 
 def test_priority_prefix_covers_every_blob(tmp_path):
@@ -113,7 +120,7 @@ def test_cohort_step_respects_caps_and_reads_prefixes(tmp_path):
     s1 = cohort.slide_index == 1
     g = zarr.open_group(samples[-2], mode="r")
     np.testing.assert_array_equal(cohort.rows[s1], g["rows"][: per_slide[1]])
-    np.testing.assert_array_equal(cohort.features[s1], g["features"][: per_slide[1]])
+    np.testing.assert_array_equal(cohort.features[s1], read_prefix(samples[-2], per_slide[1])[1])
     # A tighter cap: still within it, and every slide keeps a prefix of the looser one.
     tight = cohort_from_samples(samples, CFG.per_slide_cap, 300, CFG.seed, CFG.normalize)
     assert len(tight.features) == 300
@@ -141,6 +148,19 @@ def test_fit_from_samples_equals_fit_from_stores_without_opening_them(tmp_path):
     # Samples made with other settings than the fit's are refused, naming the store.
     with pytest.raises(HistopipeError, match="re-run sample-embeddings"):
         fit_samples(samples, replace(CFG, per_slide_cap=300))
+
+
+def test_float16_embeddings_give_float16_samples_and_the_same_cohort_sample(tmp_path):
+    """As embed-tiles writes them: the sample stores keep float16 (half the disk) and the
+    cohort step reads exactly the normalised features of the embedding stores."""
+    stores = write_cohort(tmp_path, [700, 300], dtype=np.float16)
+    samples = write_samples(stores, tmp_path)
+    assert all(zarr.open_group(p, mode="r")["features"].dtype == np.float16 for p in samples)
+    a = cohort_from_samples(samples, CFG.per_slide_cap, 600, CFG.seed, CFG.normalize)
+    b = sample_cohort(stores, CFG.per_slide_cap, 600, CFG.seed, CFG.normalize)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.features.dtype == np.float32 and np.allclose(np.linalg.norm(a.features, axis=1), 1, atol=1e-5)
 
 
 def test_empty_slide_gives_a_valid_empty_sample(tmp_path):
