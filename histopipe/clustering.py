@@ -331,6 +331,14 @@ class ClusterModel:
         """Label value -> name for the finest level (0 is background)."""
         return ["background", *[f"type {t}" for t in range(self.k)]]
 
+    @property
+    def model_id(self) -> str:
+        """A short hash of the tissue types (centroids and level LUTs): maps, datasets and
+        trained pipelines record it, so that reusing a model can be checked."""
+        from histopipe.label_space import cluster_model_id
+
+        return cluster_model_id(self.centroids, self.level_luts)
+
     def save(self, folder: str | Path) -> None:
         """Write the model folder atomically."""
         with atomic_path(folder) as tmp:

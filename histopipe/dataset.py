@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 UNASSIGNED = 255
 # Attributes every store of one dataset must agree on (merging checks them).
-_SHARED_ATTRS = ("patch_size", "mpp", "num_labels", "label_names", "levels", "max_crops", "crop_range", "source")
+_SHARED_ATTRS = ("patch_size", "mpp", "num_labels", "label_names", "levels", "max_crops", "crop_range", "source",
+                 "cluster_model_id")
 
 
 # --- splits -------------------------------------------------------------------------------
@@ -196,6 +197,8 @@ def _dataset_attrs(cfg: PatchConfig, tmap: MapStore) -> dict[str, Any]:
         "max_crops": cfg.max_crops,
         "crop_range": list(cfg.crop_range),
         "source": tmap.source,
+        "cluster_model_id": tmap.attrs.get("cluster_model_id"),
+        "cluster_model": tmap.attrs.get("cluster_model"),
         "config": cfg.to_dict(),
         "histopipe_version": __version__,
     }
@@ -436,7 +439,7 @@ def merge_stores(inputs: Sequence[str | Path], out: str | Path, cfg: PatchConfig
     level_luts = reducer.luts()
     first_attrs = first[1]
     size, c = int(first_attrs["patch_size"]), int(first_attrs["max_crops"])
-    keep = (*_SHARED_ATTRS, "read_patch_size", "read_mpp", "config", "histopipe_version")
+    keep = (*_SHARED_ATTRS, "cluster_model", "read_patch_size", "read_mpp", "config", "histopipe_version")
     out_attrs = {k: v for k, v in first_attrs.items() if k in keep}
     out_attrs["config"] = {**first_attrs["config"], "split": cfg.to_dict()["split"]}
     out_attrs["split_seed"] = cfg.seed

@@ -260,9 +260,9 @@ def cohort_status(cohort: Cohort) -> CohortStatus:
     if fitted:
         col.step(steps, "fit_kmeans", c.fitted_cluster_model(), c.cluster_name())
     col.step(steps, "merge_patches", c.dataset(), d)
-    if not c.config["vae"].get("pretrained"):
+    if c.trains_vae:
         col.step(steps, "train_vae", paths.VAE_MODEL.format(results=r, dataset=d), d)
-    for v in c.variants:
+    for v in c.trained_variants:  # not those ldm.models reuses
         col.step(steps, "train_ldm", paths.LDM_MODEL.format(results=r, dataset=d, variant=v), f"{d}/{v}")
     for v in c.variants:
         col.step(steps, "synthesize", c.synthetic(v), f"{d}/{v}")

@@ -171,6 +171,7 @@ def kmeans_map(model: ClusterModel, embedding_store: str | Path, tile_store: str
         "tiling": grid.attrs.get("tiling"),
         "encoder": model.meta.get("encoder"),
         "cluster_model": str(model_path) if model_path is not None else None,
+        "cluster_model_id": model.model_id,
         "n_tiles": len(grid.coords),
     }
     return TissueMap(labels, attrs)

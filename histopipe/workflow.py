@@ -10,6 +10,7 @@ from pathlib import Path
 
 from histopipe import paths
 from histopipe.errors import ConfigError
+from histopipe.label_space import PIPELINE_INDEX, LabelSpace, check_pipeline, pipeline_label_space, pipeline_record
 from histopipe.sheet import SlideEntry
 from histopipe.tiling import TilingConfig
 
@@ -232,6 +233,87 @@ class Cohort:
         """A pretrained VAE folder from the config, else the one trained on the cohort."""
         return self.config["vae"].get("pretrained") or paths.VAE_MODEL.format(results=self.results, dataset=self.dataset_id)
 
+    # --- trained models reused (ldm.models) -----------------------------------------------
+    def reused_ldm(self, variant: str) -> str | None:
+        """The trained pipeline ``ldm.models`` gives for ``variant`` (None: trained here)."""
+        models = self.config["ldm"].get("models") or {}
+        if isinstance(models, str):
+            return str(Path(models) / f"ldm_{variant}" / "model")
+        return models.get(variant)
+
+    def ldm_model(self, variant: str) -> str:
+        """The pipeline that synthesises ``variant``: a reused one, else the one trained here."""
+        return self.reused_ldm(variant) or paths.LDM_MODEL.format(results=self.results, dataset=self.dataset_id, variant=variant)
+
+    @property
+    def trained_variants(self) -> list[str]:
+        return [v for v in self.variants if not self.reused_ldm(v)]
+
+    @property
+    def trains_vae(self) -> bool:
+        """Whether the workflow trains the autoencoder: not with ``vae.pretrained``, and not
+        when every variant's pipeline (which holds its own VAE) is reused."""
+        return not self.config["vae"].get("pretrained") and bool(self.trained_variants)
+
+    def expected_label_space(self) -> LabelSpace | None:
+        """The label space of this cohort's maps, as far as it is known before any job runs:
+        None when the maps' tissue types are still to be fitted."""
+        if self.map_source == "annotation":
+            return LabelSpace(source="annotation", num_labels=0)
+        if self.fits_clusters:
+            return None
+        from histopipe.clustering import ClusterModel
+
+        folder = self.cluster_model()
+        model = ClusterModel.load(folder)
+        return LabelSpace("kmeans", model.k + 1, tuple(model.label_names()), model.model_id, folder)
+
+    def check_cluster_model(self) -> None:
+        """An existing ``clustering.model`` must have the configured k: the maps' folders and
+        the dataset are named after ``clustering.k``."""
+        folder = self.config["clustering"].get("model")
+        if not folder or self.map_source != "kmeans":
+            return
+        from histopipe.clustering import ClusterModel
+
+        model = ClusterModel.load(folder)
+        if model.k != self.k:
+            raise ConfigError(f"clustering.model {folder} has k={model.k} tissue types but clustering.k is {self.k}; set clustering.k: {model.k}")
+
+    def check_reuse(self) -> None:
+        """Refuse, before any job runs, ``ldm.models`` pipelines that do not fit this cohort:
+        missing, of another variant, or trained on another label space, µm/px or patch size."""
+        self.check_cluster_model()
+        reused = {v: self.reused_ldm(v) for v in self.variants if self.reused_ldm(v)}
+        models = self.config["ldm"].get("models") or {}
+        unknown = [] if isinstance(models, str) else sorted(set(models) - set(self.variants))
+        if unknown:
+            raise ConfigError(f"ldm.models: {unknown} not among the evaluated variants {self.variants} (evaluation.variants)")
+        if not reused:
+            return
+        expected = self.expected_label_space()
+        p = self.config["patches"]
+        size = int(p.get("output_size") or p["patch_size"])
+        mpp = float(p["mpp"]) * int(p["patch_size"]) / size
+        problems = []
+        for variant, folder in reused.items():
+            if not Path(folder, PIPELINE_INDEX).is_file():
+                problems.append(f"{variant} ({folder}): not a trained pipeline folder (no {PIPELINE_INDEX})")
+                continue
+            if expected is None:
+                recorded = pipeline_label_space(pipeline_record(folder)).cluster_model
+                problems.append(
+                    f"{variant} ({folder}): this cohort fits new tissue types (clustering.model is not set, or "
+                    f"clustering.refit is), the pipeline knows only those it was trained on; set clustering.model "
+                    f"to that model ({recorded or 'not recorded in the pipeline'})"
+                )
+                continue
+            issues = check_pipeline(folder, variant, expected, mpp, size)
+            if issues:
+                problems.append(f"{variant} ({folder}): " + "; ".join(issues) + " (pipeline vs this cohort)")
+        if problems:
+            raise ConfigError("ldm.models: trained pipelines that do not fit this cohort:\n  " + "\n  ".join(problems))
+
     @property
     def variants(self) -> list[str]:
         """Model variants to train, synthesise with and evaluate (the ablation's rows)."""
@@ -282,8 +364,9 @@ class Cohort:
                 paths.EVAL_GRID_PNG.format(results=r, dataset=d, variant=v),
             ]
             out.append(paths.FLAGS_FIGURE.format(results=r, dataset=d, variant=v))
-            out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model=f"ldm_{v}"))
-        if not self.config["vae"].get("pretrained"):
+            if not self.reused_ldm(v):
+                out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model=f"ldm_{v}"))
+        if self.trains_vae:
             out.append(paths.TRAINING_CURVE.format(results=r, dataset=d, model="vae"))
         out += self.ablation_outputs()
         if self.config["clustering"]["student"]["enabled"] and self.map_source == "kmeans":

@@ -234,6 +234,15 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     new = [e for e in read_sheet(demo_cohort) if e.slide_id == "cmu1_mosaic_40x"][0]
     with open(sheet, "a") as fh:
         fh.write(f"cmu1_mosaic_40x\t{new.path}\n")
+    # The fitted model exists, so the appended slide is assigned to its types: no sampling and
+    # no fit, unless clustering.refit asks for them.
+    r = snakemake(tmp_path, "-n", *cfg, extra_configs=(FAST,))
+    counts = _job_counts(r.stdout + r.stderr)
+    assert r.returncode == 0 and "fit_kmeans" not in counts and "sample_embeddings" not in counts, counts
+    assert counts.get("map_tissue_types") == 1, counts
+    r = snakemake(tmp_path, "-n", *cfg, "clustering={'refit': True}", extra_configs=(FAST,))
+    counts = _job_counts(r.stdout + r.stderr)
+    assert r.returncode == 0 and counts.get("fit_kmeans") == 1 and counts.get("map_tissue_types") == 2, counts
     reuse = tmp_path / "reuse.yaml"
     # The model as the workflow names it (relative to the working directory), so the earlier
     # batch's inputs are unchanged.
@@ -248,3 +257,44 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     assert "fit_kmeans" not in counts and "sample_embeddings" not in counts
     # Its maps and patches are the new batch's job; the full batch of earlier slides stays.
     assert "batch=00001" in out and "batch=00000" not in out, out[-4000:]
+
+    # A new cohort through the models already trained: with clustering.model and ldm.models
+    # (the run's models folder) it trains nothing. The pipelines recorded the tissue types
+    # they were trained on (the chain maps -> dataset -> pipeline).
+    from histopipe.clustering import ClusterModel
+    from histopipe.label_space import pipeline_label_space, pipeline_record
+
+    trained = results / "models" / name
+    for variant in ("unconditional", "map_crops"):
+        space = pipeline_label_space(pipeline_record(trained / f"ldm_{variant}" / "model"))
+        assert space.cluster_model_id == ClusterModel.load(model).model_id and space.num_labels == 9
+    new_sheet = _copy_cohort(demo_cohort, tmp_path / "new_cohort", ["cmu1_mosaic_40x", "cmu1_generic", "cmu1_small_region"])
+    reuse_all = tmp_path / "reuse_all.yaml"
+    reuse_all.write_text(f"clustering:\n  model: {model.relative_to(tmp_path)}\nldm:\n  models: {trained.relative_to(tmp_path)}\n")
+    new_cfg = ("--config", f"sheet={new_sheet}", "results=results_new")
+    r = snakemake(tmp_path, "-n", *new_cfg, extra_configs=(FAST, reuse_all))
+    counts = _job_counts(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [rule for rule in counts if rule.startswith("train_") and rule != "train_segmenter"], counts
+    assert "fit_kmeans" not in counts and "sample_embeddings" not in counts
+    assert counts.get("tile_slide") == 3 and counts.get("embed_tiles") == 3 and counts.get("synthesize") == 2, counts
+    r = snakemake(tmp_path, "--cores", "2", *new_cfg, extra_configs=(FAST, reuse_all), timeout=2400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    new_results = tmp_path / "results_new"
+    assert not (new_results / "models").exists()
+    syn = zarr.open_group(str(new_results / "synthetic" / name / "ldm_map_crops" / "held-out" / "synthetic.zarr"), mode="r")
+    new_info = json.loads((new_results / "dataset" / name / "info.json").read_text())
+    assert syn["images"].shape[0] == new_info["splits"]["test"]["patches"] > 0
+    assert syn.attrs["model"] == str(trained.relative_to(tmp_path) / "ldm_map_crops" / "model")
+    rows = (new_results / "evaluation" / name / "ablation.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows[1:]] == ["unconditional", "map_crops", "real"]
+
+    # Pipelines trained on other tissue types are refused before any job runs, naming both.
+    other = tmp_path / "other_types"
+    m = ClusterModel.load(model)
+    ClusterModel(m.centroids[::-1].copy(), m.level_luts, m.meta).save(other)
+    bad = tmp_path / "reuse_other.yaml"
+    bad.write_text(f"clustering:\n  model: {other}\nldm:\n  models: {trained.relative_to(tmp_path)}\n")
+    r = snakemake(tmp_path, "-n", *new_cfg, extra_configs=(FAST, bad))
+    assert r.returncode != 0
+    assert "ldm.models" in r.stderr and f"cluster model {m.model_id}" in r.stderr, r.stderr[-3000:]

@@ -96,6 +96,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from histopipe.diffusion.data import BankCrops, PatchRows
     from histopipe.diffusion.settings import synthesis_settings
     from histopipe.distributed import local_device, relaunch
+    from histopipe.label_space import check_dataset, pipeline_label_space
 
     s = synthesis_settings(config_from_args(args))
     if (rc := relaunch(s.gpus, args.argv, None, "synthesis")) is not None:
@@ -109,6 +110,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
         if args.dataset is None:
             raise HistopipeError(f"--mode {args.mode} needs --dataset")
         store = PatchRows(args.dataset, args.split)
+        check_dataset(pipeline_label_space(dict(pipe.config)), dict(store.root.attrs), args.model, args.dataset)
         level_luts = store.level_luts
         meta.update(dataset=str(args.dataset), split=args.split)
         if args.mode == "held-out":

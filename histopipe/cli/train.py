@@ -112,6 +112,7 @@ def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.settings import ldm_settings
     from histopipe.diffusion.tasks import LDMTask, reference_batch
     from histopipe.diffusion.training import train
+    from histopipe.label_space import LabelSpace
 
     s = ldm_settings(config_from_args(args))
     if (rc := relaunch(s.gpus, args.argv, s.batch_size, "ldm")) is not None:
@@ -125,6 +126,7 @@ def run_ldm(args: argparse.Namespace) -> int:
     task = LDMTask(
         s, vae, info["patch_size"], info["level_luts"], reference,
         label_names=info["label_names"], mpp=info.get("mpp"), monitor=monitor,
+        label_space=LabelSpace.from_attrs(info).to_dict(),
     )
     result = train(task, train_set, s, args.out)
     log.info("LDM (%s) trained to step %d: %s", s.variant, result.step, result.model_dir)

@@ -68,8 +68,9 @@ class HistoSynthesisPipeline(DiffusionPipeline):
     optional ``condition_encoder`` (ConditionEncoder: map and raw crops), ``controlnet``
     (ControlNetModel over the condition tensor) and ``crop_encoder`` (CropTokenEncoder,
     crop-embedding variant).
-    Config: ``max_crops`` (crop slots per image), ``label_names`` (index = map value) and
-    ``mpp`` (µm/px of the training patches), recorded for synthesis.
+    Config: ``max_crops`` (crop slots per image), ``label_names`` (index = map value),
+    ``mpp`` (µm/px of the training patches) and ``label_space`` (what the map values mean,
+    ``histopipe.label_space``), recorded for synthesis and for reusing the model.
     """
 
     model_cpu_offload_seq = "crop_encoder->condition_encoder->controlnet->unet->vae"
@@ -86,13 +87,15 @@ class HistoSynthesisPipeline(DiffusionPipeline):
         max_crops: int = 0,
         label_names: list[str] | None = None,
         mpp: float | None = None,
+        label_space: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
             vae=vae, unet=unet, scheduler=scheduler, condition_encoder=condition_encoder, controlnet=controlnet,
             crop_encoder=crop_encoder,
         )
-        self.register_to_config(max_crops=int(max_crops), label_names=list(label_names or []), mpp=mpp)
+        self.register_to_config(max_crops=int(max_crops), label_names=list(label_names or []), mpp=mpp,
+                                label_space=label_space)
         self._featurizer: CropFeaturizer | None = None
 
     @property

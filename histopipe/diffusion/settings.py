@@ -77,6 +77,7 @@ class LDMSettings(TrainLoopSettings):
     """Config section ``ldm``."""
 
     variant: str = "map_crops"
+    models: str | dict = field(default_factory=dict)  # trained pipelines reused by the workflow
     injection: str = "input"
     pretrained_unet: str | None = None
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)

@@ -200,6 +200,7 @@ class LDMTask:
         mpp: float | None = None,
         featurizer: CropFeaturizer | None = None,
         monitor: SampleMonitor | None = None,
+        label_space: dict | None = None,
     ):
         self.s = s
         self.level_luts = torch.as_tensor(np.asarray(level_luts), dtype=torch.long)
@@ -219,6 +220,7 @@ class LDMTask:
         self.reference = reference
         self.label_names = list(label_names or [])
         self.mpp = mpp
+        self.label_space = label_space
         self.monitor = monitor
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -286,6 +288,7 @@ class LDMTask:
             max_crops=self.s.max_crops if self.s.variant in ("map_crops", "map_crop_embeddings") else 0,
             label_names=self.label_names,
             mpp=self.mpp,
+            label_space=self.label_space,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -25,6 +25,7 @@ try:
     COHORT = Cohort(read_sheet(config["sheet"]), config)
     NUCLEI_SOURCES = read_nuclei_sheet(config["nuclei"]["sheet"]) if config["nuclei"]["enabled"] else []
     check_gpus(config, profile_gpus())
+    COHORT.check_reuse()  # ldm.models: the reused pipelines fit this cohort's labels
 except HistopipeError as err:
     raise WorkflowError(str(err)) from None
 

@@ -1,6 +1,7 @@
 rule synthesize:
     input:
-        model=paths.LDM_MODEL.format(results=R, dataset=DATASET, variant="{variant}"),
+        # The pipeline trained here, or the one ldm.models reuses.
+        model=lambda wildcards: COHORT.ldm_model(wildcards.variant),
         dataset=COHORT.dataset(),
     output:
         # The store and manifest, not their folder: finished batches (parts/) beside them

@@ -1,5 +1,7 @@
 # vae.gpus / ldm.gpus > 1: the job asks for that many GPUs of one node (threads and memory
 # scale with them) and the command starts one process per GPU itself.
+# Variants whose pipeline ldm.models gives are not trained (nothing asks for their folder);
+# when every one is, neither is the VAE.
 # Checkpoints live beside the model folder (…/checkpoints), outside the declared output, so
 # a preempted or failed job resumes from the newest complete checkpoint when rerun.
 if not config["vae"]["pretrained"]:
