@@ -10,7 +10,13 @@ from pathlib import Path
 
 from histopipe import paths
 from histopipe.errors import ConfigError
-from histopipe.label_space import PIPELINE_INDEX, LabelSpace, check_pipeline, pipeline_label_space, pipeline_record
+from histopipe.label_space import (
+    PIPELINE_INDEX,
+    LabelSpace,
+    check_pipeline,
+    pipeline_label_space,
+    pipeline_record,
+)
 from histopipe.sheet import SlideEntry
 from histopipe.tiling import TilingConfig
 

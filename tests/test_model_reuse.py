@@ -11,7 +11,13 @@ import pytest
 from histopipe.clustering import MODEL_FORMAT, ClusterModel
 from histopipe.config import load_config
 from histopipe.errors import ConfigError, HistopipeError
-from histopipe.label_space import LabelSpace, check_dataset, pipeline_label_space, pipeline_record, pipeline_variant
+from histopipe.label_space import (
+    LabelSpace,
+    check_dataset,
+    pipeline_label_space,
+    pipeline_record,
+    pipeline_variant,
+)
 from histopipe.sheet import SlideEntry
 from histopipe.workflow import Cohort
 

@@ -240,7 +240,9 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     counts = _job_counts(r.stdout + r.stderr)
     assert r.returncode == 0 and "fit_kmeans" not in counts and "sample_embeddings" not in counts, counts
     assert counts.get("map_tissue_types") == 1, counts
-    r = snakemake(tmp_path, "-n", *cfg, "clustering={'refit': True}", extra_configs=(FAST,))
+    refit = tmp_path / "refit.yaml"
+    refit.write_text("clustering:\n  refit: true\n")
+    r = snakemake(tmp_path, "-n", *cfg, extra_configs=(FAST, refit))
     counts = _job_counts(r.stdout + r.stderr)
     assert r.returncode == 0 and counts.get("fit_kmeans") == 1 and counts.get("map_tissue_types") == 2, counts
     reuse = tmp_path / "reuse.yaml"
@@ -296,5 +298,6 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     bad = tmp_path / "reuse_other.yaml"
     bad.write_text(f"clustering:\n  model: {other}\nldm:\n  models: {trained.relative_to(tmp_path)}\n")
     r = snakemake(tmp_path, "-n", *new_cfg, extra_configs=(FAST, bad))
+    out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert "ldm.models" in r.stderr and f"cluster model {m.model_id}" in r.stderr, r.stderr[-3000:]
+    assert "ldm.models" in out and f"cluster model {m.model_id}" in out and str(other) in out, out[-3000:]
