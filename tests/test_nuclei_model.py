@@ -23,7 +23,7 @@ from histopipe.nuclei import synthesis
 from histopipe.nuclei.dataset import NucleiDataset
 from histopipe.nuclei.labels import points_from_raster
 from histopipe.nuclei.layout import LayoutModel, fit_layout, parse_counts
-from histopipe.nuclei.model import JointDenoiser
+from histopipe.nuclei.model import JointDenoiser, PointMapEncoder
 from histopipe.nuclei.multinomial import MultinomialDiffusion
 from histopipe.nuclei.pipeline import NucleiPipeline, tissue_prompts
 from histopipe.nuclei.readers import NucleiSample
@@ -137,6 +137,35 @@ def test_multinomial_loss_and_step():
     x = md.step(perfect, xt, 5, 2, gen)
     assert x.shape == labels.shape and x.dtype == torch.int64 and x.max() < 3
     assert torch.equal(md.step(perfect, xt, 0, -1, gen), labels)  # the last step is the argmax of x_0
+
+
+def test_hybrid_label_loss_adds_the_clean_label_cross_entropy_at_every_step():
+    md = MultinomialDiffusion(3, timesteps=100)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    t = torch.tensor([90, 95])  # late steps: the KL barely depends on x_0 there
+    xt = md.q_sample(labels, t, gen)
+    wrong = torch.nn.functional.one_hot((labels + 1) % 3, 3).movedim(-1, 1).float() * 5
+    ce = torch.nn.functional.cross_entropy(wrong, labels)
+    kl = md.loss(wrong, labels, xt, t)
+    assert kl.item() < 0.1 * ce.item()  # why the KL alone does not teach x_0 at large t
+    assert md.loss(wrong, labels, xt, t, ce_weight=0.5).item() == pytest.approx(kl.item() + 0.5 * ce.item(), rel=1e-5)
+
+
+def test_point_field_peaks_on_each_centroid_in_its_class_channel():
+    enc = PointMapEncoder(num_classes=4, channels=8, out_channels=8, spread=3.0)
+    points = torch.zeros(1, 32, 32, dtype=torch.long)
+    points[0, 10, 12], points[0, 20, 22] = 2, 3
+    field = enc.field(points)
+    assert field.shape == (1, 3, 32, 32) and field.min() >= 0 and field.max() <= 1
+    assert field[0, 1, 10, 12] == 1 and field[0, 2, 20, 22] == 1 and field[0, 0].max() == 0
+    assert 0.5 < field[0, 1, 10, 15] < 0.7  # exp(-9 / 18) three px away
+    out = enc(points)
+    assert out.shape == (1, 3 + 8, 32, 32)
+    # The denoiser sees the field itself in [-1, 1], the scale of its other inputs, not just
+    # the encoder's (at first faint) features.
+    assert torch.equal(out[:, :3], field * 2 - 1)
+    assert torch.equal(PointMapEncoder(4, 8, 8, spread=0.0).field(points)[0, 1], (points[0] == 2).float())
 
 
 # ---------------------------------------------------------------- joint model

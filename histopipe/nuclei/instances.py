@@ -6,7 +6,8 @@ Three methods:
   one marker per point of the point map (the centroid layout a joint model is conditioned
   on), as in paper 002. Foreground blobs that no point reaches are kept as their own
   instances (a synthesised nucleus without its point is still a nucleus).
-- ``watershed``: marker-free baseline, markers from the h-maxima of the distance map.
+- ``watershed``: marker-free baseline, markers from the h-maxima of the (lightly smoothed)
+  distance map.
 - ``connectivity``: connected components of the foreground (merges touching nuclei).
 
 Each instance's class is the majority semantic class under it.
@@ -43,10 +44,14 @@ def _point_markers(points: np.ndarray, shape: tuple[int, int], foreground: np.nd
     return markers
 
 
-def _maxima_markers(distance: np.ndarray, foreground: np.ndarray, h: float) -> np.ndarray:
-    # h-maxima ignore peaks less than h above their surroundings: noise in a synthesised
-    # distance map does not split a nucleus.
-    peaks = h_maxima(np.where(foreground, distance, 0).astype(np.float64), h).astype(bool) & foreground
+def _maxima_markers(distance: np.ndarray, foreground: np.ndarray, h: float, smooth: float) -> np.ndarray:
+    # h-maxima ignore peaks less than h above their surroundings, and the map is first
+    # smoothed (Gaussian, ``smooth`` px): a synthesised or predicted distance map carries
+    # pixel-level noise whose spikes would otherwise each become a marker and split a nucleus.
+    surface = np.where(foreground, distance, 0).astype(np.float64)
+    if smooth > 0:
+        surface = np.where(foreground, ndimage.gaussian_filter(surface, smooth), 0)
+    peaks = h_maxima(surface, h).astype(bool) & foreground
     markers, _ = ndimage.label(peaks, structure=_STRUCTURE)
     return markers.astype(np.int32)
 
@@ -72,14 +77,16 @@ def _remove_small(instances: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def separate_instances(semantic: np.ndarray, distance: np.ndarray, points: np.ndarray | None = None,
-                       method: str = "marker", min_size: int = 10, h: float = 0.1) -> tuple[np.ndarray, dict[int, int]]:
+                       method: str = "marker", min_size: int = 10, h: float = 0.1,
+                       smooth: float = 1.0) -> tuple[np.ndarray, dict[int, int]]:
     """Instances int32 (H, W), ids 1..N, and ``{id: class}`` from a semantic map and a distance map.
 
     ``semantic``: class ids (H, W), 0 background. ``distance``: (H, W) in [0, 1] (values in
     [-1, 1] as models produce them are mapped back by the caller: ``(d + 1) / 2``).
     ``points``: the point map, raster (H, W) or rows ``(y, x, class)``; required by
     ``marker``. ``min_size``: instances smaller than this (px) are dropped. ``h``: height
-    of the distance maxima used as markers by ``watershed``.
+    of the distance maxima used as markers by ``watershed``, found after smoothing the map by a
+    Gaussian of ``smooth`` px (0: none).
     """
     semantic = np.asarray(semantic)
     distance = np.asarray(distance, dtype=np.float32)
@@ -98,7 +105,7 @@ def separate_instances(semantic: np.ndarray, distance: np.ndarray, points: np.nd
                 raise ValueError("method 'marker' needs the point map (points)")
             markers = _point_markers(points, semantic.shape, foreground)
         else:
-            markers = _maxima_markers(distance, foreground, h)
+            markers = _maxima_markers(distance, foreground, h, smooth)
         instances = watershed(-distance, markers, mask=foreground) if markers.any() else np.zeros(semantic.shape, np.int32)
         instances = _add_unreached(instances.astype(np.int32), foreground)
     instances = relabel(_remove_small(instances.astype(np.int32), min_size))

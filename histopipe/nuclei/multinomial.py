@@ -85,10 +85,18 @@ class MultinomialDiffusion:
         unnorm = (a_ts * xt + (1 - a_ts) / k) * (a_s * x0 + (1 - a_s) / k)
         return unnorm / unnorm.sum(1, keepdim=True).clamp_min(EPS)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean over pixels and batch of KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)) (t ≥ 1) or the NLL of x_0 (t = 0).
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, ce_weight: float = 0.0
+    ) -> torch.Tensor:
+        """Mean over pixels and batch of KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)) (t ≥ 1) or the NLL of x_0 (t = 0),
+        plus ``ce_weight`` × the cross-entropy of the predicted x_0 at every t (the hybrid loss of
+        D3PM, Austin et al. 2021).
 
-        logits (B, K, H, W) predicted x_0 logits; labels, xt int64 (B, H, W); t (B,). Units: nats per pixel.
+        The KL of one step is nearly blind to x_0 at large t (both posteriors are close to
+        uniform there), so without the auxiliary term the network learns x_0 from x_t at small t
+        (copying it) and little else: the conditions that fix x_0 where x_t is noise (the point
+        map) go unlearned. logits (B, K, H, W) predicted x_0 logits; labels, xt int64 (B, H, W);
+        t (B,). Units: nats per pixel.
         """
         k = self.num_classes
         x0 = F.one_hot(labels, k).movedim(-1, 1).float()
@@ -99,7 +107,8 @@ class MultinomialDiffusion:
         kl = (q * (torch.log(q.clamp_min(EPS)) - torch.log(p.clamp_min(EPS)))).sum(1)
         nll = F.cross_entropy(logits.float(), labels, reduction="none")
         first = (t == 0).to(kl.device).reshape(-1, *([1] * (kl.dim() - 1)))
-        return torch.where(first, nll, kl).mean()
+        vb = torch.where(first, nll, kl).mean()
+        return vb + ce_weight * nll.mean() if ce_weight else vb
 
     def step(
         self, logits: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor | int, generator=None

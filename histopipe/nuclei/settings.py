@@ -18,6 +18,7 @@ MODES = ("joint", "nudiff")
 SPACES = ("pixel", "latent")
 TISSUE_CONDITIONS = ("none", "embedding", "text")
 SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("v_prediction", "epsilon")
 SAMPLERS = ("ddim", "ddpm")
 INSTANCE_METHODS = ("marker", "watershed", "connectivity")
 DEFAULT_PROMPT = "high-quality histopathology {tissue} tissue image including nuclei types of {types}"
@@ -44,9 +45,12 @@ class NucleiModelSettings:
     attention_heads: int = 8
     cross_attention_dim: int = 256
     point_channels: int = 32
+    point_spread: float = 3.0
     timesteps: int = 1000
     schedule: str = "cosine"
+    prediction: str = "v_prediction"
     loss_weights: tuple[float, float, float] = (9.0, 1.0, 3.0)
+    label_ce_weight: float = 1.0
     tissue_condition: str = "embedding"
     text_encoder: str | None = None
     prompt_template: str = DEFAULT_PROMPT
@@ -57,6 +61,7 @@ class NucleiModelSettings:
         _choice("model.mode", self.mode, MODES)
         _choice("model.space", self.space, SPACES)
         _choice("model.schedule", self.schedule, SCHEDULES)
+        _choice("model.prediction", self.prediction, PREDICTIONS)
         _choice("model.tissue_condition", self.tissue_condition, TISSUE_CONDITIONS)
         _choice("model.nudiff_structure_condition", self.nudiff_structure_condition, ("none", "points"))
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))

@@ -1,7 +1,7 @@
 """What the shared loop (``histopipe.diffusion.training.train``) trains in the nuclei branch.
 
 ``JointTask``: image + distance + labels together (paper 002), loss
-w_i·MSE(image noise) + w_d·MSE(distance noise) + w_l·KL(labels) (weights 9, 1, 3).
+w_i·MSE(image) + w_d·MSE(distance) (of the predicted velocity or noise) + w_l·(KL + CE)(labels) (weights 9, 1, 3).
 NuDiff (paper 003): ``StructureTask`` diffuses labels + distance, ``ImageTask`` the image
 conditioned on the clean structure. Batches are dicts of Part A's ``NucleiDataset``: image
 (B, 3, S, S) and distance (B, 1, S, S) in [-1, 1], semantic and points int64 (B, S, S), tissue (B,).
@@ -34,11 +34,19 @@ from histopipe.nuclei.settings import NucleiModelSettings, NucleiTrainSettings
 
 
 def noise_scheduler(m: NucleiModelSettings) -> DDPMScheduler:
-    """The Gaussian training schedule (cosine = diffusers' ``squaredcos_cap_v2``)."""
+    """The Gaussian training schedule (cosine = diffusers' ``squaredcos_cap_v2``).
+
+    Sampling starts at t = T-1, where the signal is all but gone (ᾱ = 6e-8 for the capped
+    cosine schedule at T = 200, 2e-9 at T = 1000). A noise (epsilon) prediction is
+    ill-conditioned there: the sampler's clean estimate (x - √(1-ᾱ) ε̂) / √ᾱ carries any error
+    of ε̂ into the next state multiplied by √(ᾱ_next / ᾱ) (about 300 at T = 200, 1600 at
+    T = 1000, for 20 steps), and the first step throws the Gaussian state far out of range. ``v_prediction`` (Salimans & Ho 2022)
+    stays well-conditioned at every t, so it is the default (see ``prediction`` in the schema).
+    """
     return DDPMScheduler(
         num_train_timesteps=m.timesteps,
         beta_schedule="squaredcos_cap_v2" if m.schedule == "cosine" else "linear",
-        prediction_type="epsilon",
+        prediction_type=m.prediction,
         clip_sample=False,
         # "trailing" spacing starts sampling at t = T-1, where the labels are uniform noise.
         timestep_spacing="trailing",
@@ -59,6 +67,7 @@ def build_denoiser(
         scale_factor=scale_factor,
         point_classes=num_classes if use_points else 0,
         point_channels=m.point_channels,
+        point_spread=m.point_spread,
         structure_classes=num_classes if role == "image" else 0,
         tissue_condition=m.tissue_condition,
         num_tissues=num_tissues,
@@ -158,10 +167,14 @@ class _NucleiTask:
             return images_to_latents(self.vae, images, gen).float()
 
     def _noise(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, the denoiser's regression target (noise or velocity, see ``noise_scheduler``), t)."""
         b, dev = x0.shape[0], x0.device
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(dev)
         t = torch.randint(0, self.m.timesteps, (b,), generator=gen, device=gen.device).to(dev)
-        return self.noise_scheduler.add_noise(x0, noise, t), noise, t
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return xt, self.noise_scheduler.get_velocity(x0, noise, t), t
+        return xt, noise, t
 
     def _prepare(self, batch: dict, gen: torch.Generator) -> dict:
         return flip_rotate(batch, gen) if self.s.augment_flip else batch
@@ -212,14 +225,14 @@ class JointTask(_NucleiTask):
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         batch = self._prepare(batch, gen)
         x0 = self.model.pack(self.image_target(batch["image"], gen), batch["distance"].float())
-        xt, noise, t = self._noise(x0, gen)
+        xt, target, t = self._noise(x0, gen)
         lt = self.labels.q_sample(batch["semantic"], t, gen).to(t.device)
         out = model(xt, t, lt, batch["points"], **self.tissue_inputs(batch, gen))
         ic = self.model.config.image_channels
         w_i, w_d, w_l = self.m.loss_weights
-        l_img = F.mse_loss(out.gaussian[:, :ic].float(), noise[:, :ic])
-        l_dist = F.mse_loss(out.gaussian[:, ic:].float(), noise[:, ic:])
-        return w_i * l_img + w_d * l_dist + w_l * self.labels.loss(out.logits, batch["semantic"], lt, t)
+        l_img = F.mse_loss(out.gaussian[:, :ic].float(), target[:, :ic])
+        l_dist = F.mse_loss(out.gaussian[:, ic:].float(), target[:, ic:])
+        return w_i * l_img + w_d * l_dist + w_l * self.labels.loss(out.logits, batch["semantic"], lt, t, self.m.label_ce_weight)
 
     def sample_grid(self, model: JointDenoiser, step: int = 0) -> np.ndarray:
         ref = {k: v[:8] for k, v in self.reference.items()}
@@ -239,11 +252,11 @@ class StructureTask(_NucleiTask):
 
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         batch = self._prepare(batch, gen)
-        xt, noise, t = self._noise(self.model.pack(None, batch["distance"].float()), gen)
+        xt, target, t = self._noise(self.model.pack(None, batch["distance"].float()), gen)
         lt = self.labels.q_sample(batch["semantic"], t, gen).to(t.device)
         out = model(xt, t, lt, batch["points"], **self.tissue_inputs(batch, gen))
         _, w_d, w_l = self.m.loss_weights
-        return w_d * F.mse_loss(out.gaussian.float(), noise) + w_l * self.labels.loss(out.logits, batch["semantic"], lt, t)
+        return w_d * F.mse_loss(out.gaussian.float(), target) + w_l * self.labels.loss(out.logits, batch["semantic"], lt, t, self.m.label_ce_weight)
 
     def sample_grid(self, model: JointDenoiser, step: int = 0) -> np.ndarray:
         ref = {k: v[:8] for k, v in self.reference.items()}
@@ -268,10 +281,10 @@ class ImageTask(_NucleiTask):
 
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         batch = self._prepare(batch, gen)
-        xt, noise, t = self._noise(self.image_target(batch["image"], gen), gen)
+        xt, target, t = self._noise(self.image_target(batch["image"], gen), gen)
         cond = structure_tensor(batch["semantic"], batch["distance"].float(), len(self.class_names))
         out = model(xt, t, None, batch["points"], structure=cond, **self.tissue_inputs(batch, gen))
-        return F.mse_loss(out.gaussian.float(), noise)
+        return F.mse_loss(out.gaussian.float(), target)
 
     def sample_grid(self, model: JointDenoiser, step: int = 0) -> np.ndarray | None:
         if self.structure is None:
