@@ -260,3 +260,19 @@ def test_cli_flag_hallucinations(pipe, data, tmp_path):
     assert summary["n_synthetic"] == len(store) and summary["n_real"] == len(PatchRows(data[0], "train"))
     with open(tmp_path / "flags.csv") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == ["000000", "000001"]
+
+
+def test_pipeline_in_bfloat16_samples(data, tmp_path):
+    """synthesize loads the pipeline in bfloat16 on a GPU (no autocast): every op of the map +
+    crops conditioning must run in that dtype (torchvision's roi_align has no bf16 kernel)."""
+    store = open_training_set(data[0], "train")
+    torch.manual_seed(0)
+    task = LDMTask(tiny_ldm(), build_vae(tiny_vae(), 32), 32, store_info(data[0])["level_luts"], reference_batch(store, 2), LABEL_NAMES, 0.5)
+    pipe16 = task.pipeline(task.model.eval()).to("cpu", torch.bfloat16)
+    rows = PatchRows(data[0], "test")
+    s = SynthesisSettings(sampler="dpmpp", steps=2, guidance_scale=2.0, batch_size=2, seed=5)
+    items = syn.held_out_items(rows, 3, s.seed)[:2]
+    assert any(len(it.crops) for it in items)
+    syn.synthesize(pipe16, items, tmp_path / "bf16", s, {"mode": "held-out"}, rows.level_luts)
+    images = zarr.open_group(str(tmp_path / "bf16" / "synthetic.zarr"), mode="r")["images"][:]
+    assert images.shape == (2, 32, 32, 3) and images.std() > 0

@@ -178,7 +178,10 @@ class ConditionEncoder(ModelMixin, ConfigMixin, _LevelLabels):
             index = (where[:, 0] * k + where[:, 1]).to(dtype)
             rois = torch.stack([index, x0, y0, x0 + side, y0 + side], dim=1)
             size = self.config.crop_size
-            crops = roi_align(pixels.flatten(0, 1), rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+            # torchvision has no bfloat16/float16 kernel for roi_align outside autocast (a
+            # pipeline cast to bf16 for sampling on a GPU): it runs in float32.
+            crops = roi_align(pixels.flatten(0, 1).float(), rois.float(), (size, size), spatial_scale=1.0,
+                              sampling_ratio=2, aligned=True).to(dtype)
             features = features.index_put((where[:, 0], where[:, 1]), self.style(crops))
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             # No crop in this process's batch: the style network still takes part in the graph
