@@ -19,6 +19,7 @@ from histopipe.diffusion.pipeline import HistoSynthesisPipeline
 from histopipe.diffusion.settings import VARIANTS
 from histopipe.diffusion.tasks import LDMTask, VAETask, reference_batch
 from histopipe.diffusion.training import complete_checkpoints, train
+from histopipe.errors import HistopipeError
 from tests.diffusion_helpers import LABEL_NAMES, one_thread, tiny_ldm, tiny_vae, write_patch_store  # noqa: F401 (autouse fixture)
 
 
@@ -240,3 +241,44 @@ def test_vae_discriminator_enters_after_its_warm_up(store, tmp_path):
     assert any(not torch.equal(disc_before[k], v) for k, v in task.model.disc.state_dict().items())
     vae = load_vae(tmp_path / "model")  # the export holds the VAE alone
     assert sum(p.numel() for p in vae.parameters()) == sum(p.numel() for p in task.model.vae.parameters())
+
+
+class _PoisonedLoss:
+    """Fault injection around a real LDM task: its loss times NaN at the given steps (what an
+    overflow in bf16 or a corrupt batch does to a real run)."""
+
+    def __init__(self, task, bad_steps):
+        self.task, self.bad_steps = task, set(bad_steps)
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch, gen, step):
+        loss = self.task.loss(model, batch, gen, step)
+        return loss * float("nan") if step in self.bad_steps or "all" in self.bad_steps else loss
+
+
+def _unet_weights(folder):
+    return HistoSynthesisPipeline.from_pretrained(folder).unet.state_dict()
+
+
+def test_updates_with_non_finite_gradients_are_skipped(store, tmp_path):
+    s = tiny_ldm(max_steps=5, checkpoint_every=1, checkpoints_keep=10, ema_decay=0.0, eval_every=0, sample_every=0)
+    result = train(_PoisonedLoss(_task(store, s), bad_steps={2, 3}), store, s, tmp_path)
+    # The loop's step counter is 0-based when the loss is computed and 1-based after it.
+    assert result.skipped_steps == [3, 4] and result.step == 5
+    assert np.isnan(result.losses[2]) and np.isnan(result.losses[3]) and np.isfinite(result.losses[4])
+    ckpt = tmp_path / "checkpoints"
+    w2, w3, w4, w5 = (_unet_weights(ckpt / f"checkpoint-{i}" / "model") for i in (2, 3, 4, 5))
+    for k in w2:
+        assert torch.isfinite(w5[k]).all(), k
+        assert torch.equal(w2[k], w3[k]) and torch.equal(w3[k], w4[k]), k  # the poisoned steps changed nothing
+    assert any(not torch.equal(w4[k], w5[k]) for k in w4)  # the next good step trains again
+
+
+def test_a_run_of_non_finite_steps_stops_training_with_a_clear_error(store, tmp_path):
+    s = tiny_ldm(max_steps=20, checkpoint_every=2, max_nonfinite_steps=3, eval_every=0, sample_every=0)
+    task = _PoisonedLoss(_task(store, s), bad_steps={2, 3, 4, 5, 6, 7})
+    with pytest.raises(HistopipeError, match=r"3 optimizer steps in a row \(steps 3-5\).*checkpoint-4.*Lower the learning rate"):
+        train(task, store, s, tmp_path)
+    assert not (tmp_path / "model").exists()

@@ -29,6 +29,7 @@ class TrainLoopSettings:
     grad_accum: int = 1
     max_steps: int = 20000
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 50
     ema_decay: float = 0.0
     checkpoint_every: int = 1000
     checkpoints_keep: int = 2

@@ -86,6 +86,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step of this run
     model_dir: Path | None = None
     resumed_from: int = 0
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update had non-finite gradients
 
 
 class StreamBatchSampler(Sampler):
@@ -245,28 +246,53 @@ def train(
     bar = tqdm(total=s.max_steps, initial=step, desc=task.name, disable=not main, dynamic_ncols=True)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
+    nonfinite_run = 0  # consecutive steps with non-finite gradients
     while step < s.max_steps:
         micro_losses = []
+        finite = True
         for _ in range(s.grad_accum):
             batch = _to_device(next(batches), accelerator.device)
             with accelerator.accumulate(model):
                 loss = task.loss(model, batch, gen, step)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and s.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # The norm of the all-reduced gradients, the same in every process: an
+                    # update with a NaN or inf in it is skipped everywhere alike (bf16 has no
+                    # loss scaler to do this), so one bad batch cannot poison the weights.
+                    norm = accelerator.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+                    finite = bool(torch.isfinite(torch.as_tensor(norm)).item())
+                    if not finite:
+                        optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach().float())
         lr_scheduler.step()
         step += 1
         maybe_crash(step, rank)
-        if ema is not None:
+        if finite:
+            nonfinite_run = 0
+        else:
+            nonfinite_run += 1
+            result.skipped_steps.append(step)
+            if main and (len(result.skipped_steps) <= 10 or len(result.skipped_steps) % 100 == 0):
+                log.warning("%s: step %d: non-finite gradients (loss %s); its update is skipped (%d skipped so far)",
+                            task.name, step, f"{torch.stack(micro_losses).mean().item():.4g}", len(result.skipped_steps))
+            if nonfinite_run >= s.max_nonfinite_steps:
+                done = complete_checkpoints(ckpt_dir)
+                raise HistopipeError(
+                    f"{task.name}: {nonfinite_run} optimizer steps in a row (steps {step - nonfinite_run + 1}-{step}) had "
+                    f"non-finite gradients, so training stopped; the newest complete checkpoint is "
+                    f"{done[-1][1] if done else 'none'}. Lower the learning rate (lr {s.lr:g}) or train in float32 "
+                    f"(mixed_precision: 'no'; this run: {accelerator.mixed_precision})"
+                )
+        if ema is not None and finite:
             ema.step(params)
         loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
         result.losses.append(loss_value)
         result.step = step
         if step % s.log_every == 0 or step == s.max_steps:
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                             "skipped_steps": len(result.skipped_steps)}, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % s.checkpoint_every == 0 or step == s.max_steps:
