@@ -282,3 +282,21 @@ def test_a_run_of_non_finite_steps_stops_training_with_a_clear_error(store, tmp_
     with pytest.raises(HistopipeError, match=r"3 optimizer steps in a row \(steps 3-5\).*checkpoint-4.*Lower the learning rate"):
         train(task, store, s, tmp_path)
     assert not (tmp_path / "model").exists()
+
+
+def test_checkpoints_of_other_settings_are_set_aside_not_resumed(store, tmp_path, caplog):
+    """A config edit reruns the job: it resumes only from checkpoints of the same settings
+    (a longer max_steps is the same run extended); others are kept aside, not lost."""
+    s = tiny_ldm(max_steps=2, checkpoint_every=1, eval_every=0, sample_every=0)
+    train(_task(store, s), store, s, tmp_path)
+    longer = tiny_ldm(max_steps=3, checkpoint_every=1, eval_every=0, sample_every=0)
+    assert train(_task(store, longer), store, longer, tmp_path).resumed_from == 2
+    other = tiny_ldm(max_steps=3, checkpoint_every=1, eval_every=0, sample_every=0, lr=5e-4, batch_size=3)
+    with caplog.at_level("WARNING", logger="histopipe.diffusion.training"):
+        result = train(_task(store, other), store, other, tmp_path)
+    assert result.resumed_from == 0 and result.step == 3
+    (aside,) = tmp_path.glob("checkpoints.superseded-*")
+    assert [p.name for p in sorted(aside.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-3"]
+    assert "batch_size: 4 -> 3" in caplog.text and "lr: 0.001 -> 0.0005" in caplog.text
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert state["settings"]["lr"] == 5e-4

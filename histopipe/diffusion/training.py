@@ -142,6 +142,47 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# Settings a run may change and still resume from its checkpoints: how long it trains, how
+# often it checkpoints, samples and evaluates, and how many processes share the work.
+RESUMABLE_CHANGES = frozenset({
+    "max_steps", "checkpoint_every", "checkpoints_keep", "sample_every", "sample_steps", "eval_every",
+    "eval_samples", "eval_encoder", "log_every", "num_workers", "memory_mb", "gpus", "models",
+    "max_nonfinite_steps",
+})
+
+
+def resume_settings(s: TrainLoopSettings) -> dict:
+    """The settings a checkpoint records, as JSON values."""
+    return json.loads(json.dumps(asdict(s), default=str))
+
+
+def changed_settings(saved: dict, s: TrainLoopSettings) -> dict[str, tuple]:
+    """Settings (beyond RESUMABLE_CHANGES) whose value differs from a checkpoint's: key → (then, now)."""
+    now = resume_settings(s)
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)}
+
+
+def _set_aside_stale_checkpoints(ckpt_dir: Path, s: TrainLoopSettings, name: str) -> None:
+    """Checkpoints written under other settings (a config edit that reran the job) are moved to
+    ``checkpoints.superseded-<time>`` beside them, not resumed from and not deleted."""
+    done = complete_checkpoints(ckpt_dir)
+    if not done:
+        return
+    state = json.loads((done[-1][1] / STATE_FILE).read_text())
+    if "settings" not in state:  # written before checkpoints recorded their settings
+        return
+    changed = changed_settings(state["settings"], s)
+    if not changed:
+        return
+    target = ckpt_dir.with_name(f"{ckpt_dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(ckpt_dir, target)
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    log.warning("%s: the checkpoints in %s were written with other settings (%s%s); training starts afresh "
+                "and they are kept in %s", name, ckpt_dir, shown, more, target)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -224,6 +265,7 @@ def train(
     if main and ckpt_dir.is_dir():
         for p in ckpt_dir.glob(".checkpoint-*.partial"):
             shutil.rmtree(p, ignore_errors=True)  # left by a job killed while saving
+        _set_aside_stale_checkpoints(ckpt_dir, s, task.name)
     accelerator.wait_for_everyone()
     done = complete_checkpoints(ckpt_dir)
     if done:
@@ -296,7 +338,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % s.checkpoint_every == 0 or step == s.max_steps:
-            _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir, step, s.checkpoints_keep)
+            _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir, step, s)
         if main and s.sample_every and step % s.sample_every == 0:
             _write_samples(accelerator, task, unwrapped, ema, params, out_dir, step)
         if main and s.eval_every and (step % s.eval_every == 0 or step == s.max_steps):
@@ -329,7 +371,8 @@ def _load_generator(gen: torch.Generator, folder: Path, rank: int, seed: int, st
         gen.manual_seed(seed * 1000 + rank + 7919 * step)
 
 
-def _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir: Path, step: int, keep: int) -> None:
+def _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir: Path, step: int, s: TrainLoopSettings) -> None:
+    keep = s.checkpoints_keep
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".checkpoint-{step}.partial"  # same name in every process
     if accelerator.is_main_process:
@@ -345,7 +388,7 @@ def _save_checkpoint(accelerator, task, unwrapped, ema, params, gen, ckpt_dir: P
         with _EMAWeights(ema, params):
             task.export(unwrapped, tmp / MODEL_DIR)
         unwrapped.train(was_training)
-        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "settings": resume_settings(s)}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
