@@ -300,3 +300,16 @@ def test_checkpoints_of_other_settings_are_set_aside_not_resumed(store, tmp_path
     assert "batch_size: 4 -> 3" in caplog.text and "lr: 0.001 -> 0.0005" in caplog.text
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
     assert state["settings"]["lr"] == 5e-4
+
+
+def test_settings_unknown_to_a_checkpoint_do_not_count_as_changes():
+    """A checkpoint of an older histopipe lacks settings added since (at their defaults)."""
+    from histopipe.diffusion.training import changed_settings, resume_settings
+
+    s = tiny_ldm()
+    saved = resume_settings(s)
+    del saved["max_grad_norm"]
+    saved["a_removed_setting"] = 1
+    assert changed_settings(saved, s) == {}
+    saved["lr"] = 0.5
+    assert changed_settings(saved, s) == {"lr": (0.5, s.lr)}

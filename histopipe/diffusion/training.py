@@ -157,10 +157,11 @@ def resume_settings(s: TrainLoopSettings) -> dict:
 
 
 def changed_settings(saved: dict, s: TrainLoopSettings) -> dict[str, tuple]:
-    """Settings (beyond RESUMABLE_CHANGES) whose value differs from a checkpoint's: key → (then, now)."""
+    """Settings (beyond RESUMABLE_CHANGES) whose value differs from a checkpoint's: key → (then, now).
+    Only keys both know count: a setting added or removed by a newer histopipe changes nothing."""
     now = resume_settings(s)
-    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-            if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)}
+    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now))
+            if k not in RESUMABLE_CHANGES and saved[k] != now[k]}
 
 
 def _set_aside_stale_checkpoints(ckpt_dir: Path, s: TrainLoopSettings, name: str) -> None:
