@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from histopipe.config import deep_merge  # noqa: E402
+from histopipe.diffusion.training import MODEL_DIR, complete_checkpoints, read_progress  # noqa: E402
 
 CONFIGS = ["config/config.yaml", "config/demo.yaml", "config/presets/cpu.yaml", "config/quality.yaml"]
 
@@ -78,15 +79,12 @@ def histopipe(*args: str, log: Path, timeout: float | None = None, env: dict | N
             return -1
 
 
-def newest_model(work: Path) -> tuple[Path | None, int]:
-    if (work / "model" / "model_index.json").is_file():
-        steps = [json.loads(line)["step"] for line in (work / "progress.jsonl").read_text().splitlines()] if (work / "progress.jsonl").is_file() else []
-        return work / "model", max(steps, default=-1)
-    ckpts = sorted(((int(p.name.split("-")[1]), p) for p in (work / "checkpoints").glob("checkpoint-*")), reverse=True)
-    for step, p in ckpts:
-        if (p / "model" / "model_index.json").is_file():
-            return p / "model", step
-    return None, 0
+def newest_model(work: Path, progress: list[dict]) -> tuple[Path | None, int]:
+    """The finished export, else the newest complete checkpoint's (EMA) export, and its step."""
+    if (work / MODEL_DIR / "model_index.json").is_file():
+        return work / MODEL_DIR, max((p["step"] for p in progress), default=-1)
+    done = complete_checkpoints(work / "checkpoints")
+    return (done[-1][1] / MODEL_DIR, done[-1][0]) if done else (None, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(name: str) -> dict:
         work = out / slug(name)
-        model, step = newest_model(work)
-        row = {"run": name, "variant": runs[name][0], "overrides": runs[name][1], "train_s": round(train_wall[name], 1), "step": step}
-        progress = work / "progress.jsonl"
-        row["progress"] = [json.loads(line) for line in progress.read_text().splitlines()] if progress.is_file() else []
+        progress = read_progress(work)
+        model, step = newest_model(work, progress)
+        row = {"run": name, "variant": runs[name][0], "overrides": runs[name][1], "train_s": round(train_wall[name], 1),
+               "step": step, "progress": progress}
         if model is None:
             row["error"] = "no model or checkpoint (see train.log)"
             return row
@@ -194,19 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _pick(d: dict | None, *keys: str):
-    """The first of ``keys`` found in ``d`` or one level down (the output JSONs nest by metric)."""
-    if not d:
-        return None
-    for k in keys:
-        if k in d and not isinstance(d[k], dict):
-            return d[k]
-    for v in d.values():
-        if isinstance(v, dict):
-            got = _pick(v, *keys)
-            if got is not None:
-                return got
-    return None
+def _encoder_scores(d: dict | None) -> dict:
+    """The first encoder's scores of an evaluate-distribution JSON (the quality config has one)."""
+    return next(iter(((d or {}).get("encoders") or {}).values()), {})
 
 
 def _fmt(v) -> str:
@@ -218,9 +206,9 @@ def render(info: dict, rows: list[dict]) -> str:
              "| run | steps reached | train s | FD | precision | recall | label fidelity mIoU | crop fidelity |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        d, f = r.get("distribution"), r.get("fidelity")
-        lines.append("| " + " | ".join([r["run"], str(r["step"]), str(r["train_s"]), _fmt(_pick(d, "fd")),
-                                         _fmt(_pick(d, "precision")), _fmt(_pick(d, "recall")), _fmt(((f or {}).get("label") or {}).get("miou")),
+        d, f = _encoder_scores(r.get("distribution")), r.get("fidelity")
+        lines.append("| " + " | ".join([r["run"], str(r["step"]), str(r["train_s"]), _fmt(d.get("fd")),
+                                         _fmt(d.get("precision")), _fmt(d.get("recall")), _fmt(((f or {}).get("label") or {}).get("miou")),
                                          _fmt(((f or {}).get("crop") or {}).get("ratio"))]) + " |" + (f" {r['error']}" if "error" in r else ""))
     lines += ["", "Progress evaluations (EMA, 64 val maps): step: FD / label fidelity", ""]
     for r in rows:
