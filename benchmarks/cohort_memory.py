@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 import zarr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +80,9 @@ def cpu_model() -> str:
 
 def demo_config() -> dict:
     """The workflow's config for the demo: config.yaml with demo.yaml laid over, defaults filled."""
-    from histopipe.config import load_config
+    from histopipe.config import load_configs
 
-    return load_config(CONFIGS[0], yaml.safe_load(CONFIGS[1].read_text()))
+    return load_configs(CONFIGS)
 
 
 def build_inputs(work: Path, cores: int, env: dict[str, str]) -> tuple[list[Path], list[Path]]:

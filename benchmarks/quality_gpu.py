@@ -29,12 +29,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from histopipe.config import deep_merge  # noqa: E402
+from histopipe.config import deep_merge, load_configs  # noqa: E402
 from histopipe.diffusion.training import MODEL_DIR, complete_checkpoints, read_progress  # noqa: E402
 
 CONFIGS = ["config/config.yaml", "config/demo.yaml", "config/presets/cpu.yaml", "config/quality.yaml"]
@@ -55,13 +53,6 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def merged_config(root: Path) -> dict:
-    cfg: dict = {}
-    for name in CONFIGS:
-        cfg = deep_merge(cfg, yaml.safe_load((root / name).read_text()) or {})
-    return cfg
 
 
 def histopipe(*args: str, log: Path, timeout: float | None = None, env: dict | None = None) -> int:
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.results, args.out = args.results.resolve(), args.out.resolve()
 
-    cfg = merged_config(ROOT)
+    cfg = load_configs(ROOT / name for name in CONFIGS)
     ds = next(iter(sorted(args.results.glob("dataset/*/patches.zarr"))), None)
     vae = next(iter(sorted(args.results.glob("models/*/vae/model"))), None)
     crop_bank = next(iter(sorted(args.results.glob("dataset/*/crop_bank.zarr"))), None)

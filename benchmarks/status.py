@@ -40,16 +40,11 @@ DEFAULT_CONFIGS = (ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml
 
 
 def load_cohort(configs: list[Path], sheet: Path, results: Path):
-    import yaml
-
-    from histopipe.config import deep_merge, load_config
+    from histopipe.config import load_configs
     from histopipe.sheet import read_sheet
     from histopipe.workflow import Cohort
 
-    merged: dict = {}
-    for c in configs:
-        merged = deep_merge(merged, yaml.safe_load(c.read_text()) or {})
-    cfg = load_config(None, {**merged, "sheet": str(sheet), "results": str(results)})
+    cfg = load_configs(configs, {"sheet": str(sheet), "results": str(results)})
     return Cohort(read_sheet(sheet, check_files=False), cfg)
 
 

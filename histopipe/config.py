@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,22 +68,35 @@ def validate(instance: dict, schema_path: Path, what: str) -> dict:
     return instance
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     """Read a YAML config (or none), apply ``overrides`` (nested dict), validate, fill defaults."""
+    return load_configs([path] if path is not None else [], overrides)
+
+
+def load_configs(paths: Iterable[str | Path], overrides: dict | None = None) -> dict:
+    """Several YAML configs merged in order, as Snakemake merges ``--configfile a b c`` (later
+    files win key by key, nested sections merged), then ``overrides``; validated, defaults
+    filled. The one loader for tools that stand in for a workflow run (status, benchmarks)."""
+    paths = [Path(p) for p in paths]
     cfg: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            cfg = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for path in paths:
+        cfg = deep_merge(cfg, _read_yaml(path))
     if overrides:
         cfg = deep_merge(cfg, overrides)
-    return validate(cfg, CONFIG_SCHEMA, str(path) if path else "config")
+    what = str(paths[0]) if len(paths) == 1 else " + ".join(map(str, paths)) if paths else "config"
+    return validate(cfg, CONFIG_SCHEMA, what)
 
 
 PRESET_DIR = SCHEMA_DIR.parent.parent / "config" / "presets"

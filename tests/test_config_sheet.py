@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from histopipe.config import load_config, section
+from histopipe.config import load_config, load_configs, section
 from histopipe.errors import ConfigError
 from histopipe.sheet import read_sheet
 from histopipe.tiling import TilingConfig
@@ -50,6 +50,21 @@ def test_config_file_errors(tmp_path):
     bad.write_text("tiling: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_several_config_files_merge_in_order_like_snakemake_configfiles(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("tiling: {mpp: 1.0, tile_size: 128}\nldm: {batch_size: 8}\n")
+    b.write_text("tiling: {tile_size: 64}\n")
+    cfg = load_configs([a, b], {"ldm": {"lr": 0.5}})
+    assert cfg["tiling"]["mpp"] == 1.0 and cfg["tiling"]["tile_size"] == 64  # later file wins key by key
+    assert cfg["ldm"]["batch_size"] == 8 and cfg["ldm"]["lr"] == 0.5
+    assert cfg["tiling"]["overlap"] == 0  # defaults filled
+    b.write_text("tiling: {tile_size: -1}\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml \+ .*b\.yaml: tiling\.tile_size"):
+        load_configs([a, b])
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_configs([a, tmp_path / "nope.yaml"])
 
 
 def _sheet(tmp_path: Path, rows: list[str]) -> Path:

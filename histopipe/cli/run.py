@@ -44,22 +44,13 @@ def register_status(sub: argparse._SubParsersAction) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import yaml
-
     from histopipe.atomic import atomic_write_text
-    from histopipe.config import deep_merge, load_config
-    from histopipe.errors import ConfigError
+    from histopipe.config import load_configs
     from histopipe.sheet import read_sheet
     from histopipe.status import cohort_status, failures_tsv, format_status
     from histopipe.workflow import Cohort
 
-    merged: dict = {}
-    for f in args.config:
-        if not f.is_file():
-            raise ConfigError(f"{f}: config file not found")
-        merged = deep_merge(merged, yaml.safe_load(f.read_text()) or {})
-    merged.update({k: v for k, v in (("sheet", args.sheet), ("results", args.results)) if v is not None})
-    cfg = load_config(None, merged)
+    cfg = load_configs(args.config, {k: v for k, v in (("sheet", args.sheet), ("results", args.results)) if v is not None})
     status = cohort_status(Cohort(read_sheet(cfg["sheet"], check_files=False), cfg))
     print(format_status(status, args.max_failures))
     if args.failed_tsv:
