@@ -172,11 +172,30 @@ def test_each_variant_trains_and_samples(variant, store, tmp_path):
     assert pipe.variant == variant
     assert (pipe.crop_encoder is not None) == (variant == "map_crop_embeddings")
     ref, slots = _conditions(store, [0, 1])
-    for sampler in ("ddim", "dpmpp"):
+    for sampler in ("ddim", "dpmpp", "dpmpp_sde"):
         pipe.use_sampler(sampler)
         out = pipe(ref["map"], slots, num_images=2, num_inference_steps=2, guidance_scale=2.0,
                    generator=torch.Generator().manual_seed(0))
         assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+
+
+def test_stochastic_sampler_is_reproducible_per_seed_and_differs_from_the_ode(store, tmp_path):
+    s = tiny_ldm(variant="map", max_steps=2)
+    train(_task(store, s), store, s, tmp_path)
+    pipe = HistoSynthesisPipeline.from_pretrained(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    ref, slots = _conditions(store, [0, 1])
+
+    def sample(sampler: str, seed: int) -> np.ndarray:
+        pipe.use_sampler(sampler)
+        return pipe(ref["map"], slots, num_inference_steps=4, generator=torch.Generator().manual_seed(seed)).images
+
+    sde = sample("dpmpp_sde", 3)
+    assert np.array_equal(sde, sample("dpmpp_sde", 3))  # the step noise comes from the seed's generator
+    assert not np.array_equal(sde, sample("dpmpp_sde", 4))
+    assert not np.array_equal(sde, sample("dpmpp", 3))  # same start noise, fresh noise on the way
+    with pytest.raises(HistopipeError, match="unknown sampler"):
+        pipe.use_sampler("euler")
 
 
 def test_vae_training_lowers_reconstruction_loss(store, tmp_path):

@@ -28,7 +28,7 @@ from histopipe.diffusion.crop_features import CropFeaturizer
 from histopipe.diffusion.models import Denoiser, vae_scale_factor, variant_of
 from histopipe.errors import HistopipeError
 
-SAMPLERS = ("ddim", "dpmpp", "ddpm")
+SAMPLERS = ("ddim", "dpmpp", "dpmpp_sde", "ddpm")
 
 
 @dataclass
@@ -111,12 +111,15 @@ class HistoSynthesisPipeline(DiffusionPipeline):
         return Denoiser(self.unet, self.condition_encoder, self.controlnet, self.crop_encoder)
 
     def use_sampler(self, name: str) -> None:
-        """Swap the scheduler for sampling: ``ddim``, ``dpmpp`` (DPM-Solver++ 2M) or ``ddpm``."""
+        """Swap the scheduler for sampling: ``ddim``, ``dpmpp`` (DPM-Solver++ 2M), ``dpmpp_sde``
+        (its stochastic form, SDE-DPM-Solver++ 2M: fresh noise each step) or ``ddpm``."""
         config = self.scheduler.config
         if name == "ddim":
             self.scheduler = DDIMScheduler.from_config(config, set_alpha_to_one=False)
         elif name == "dpmpp":
             self.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        elif name == "dpmpp_sde":
+            self.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", solver_order=2)
         elif name == "ddpm":
             self.scheduler = DDPMScheduler.from_config(config)
         else:
