@@ -182,7 +182,8 @@ class ConditionEncoder(ModelMixin, ConfigMixin, _LevelLabels):
             # pipeline cast to bf16 for sampling on a GPU): it runs in float32.
             crops = roi_align(pixels.flatten(0, 1).float(), rois.float(), (size, size), spatial_scale=1.0,
                               sampling_ratio=2, aligned=True).to(dtype)
-            features = features.index_put((where[:, 0], where[:, 1]), self.style(crops))
+            # Under autocast the style network answers in bf16/fp16 (on CPU its last layer too).
+            features = features.index_put((where[:, 0], where[:, 1]), self.style(crops).to(dtype))
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             # No crop in this process's batch: the style network still takes part in the graph
             # (zero weight), as DDP needs every trained parameter used in every step.
