@@ -301,7 +301,9 @@ def select_spread(coords: np.ndarray, size_level0: float, n: int | None, rng: np
 @dataclass
 class PatchPlan:
     """Kept windows of one slide. ``coords`` level-0 ``(x, y)`` int64 ``(n, 2)``;
-    ``proportions`` float ``(n, K)`` at the rule's map level; ``tissue`` ``(n,)``."""
+    ``proportions`` float ``(n, K)`` at the rule's map level; ``tissue`` ``(n,)``. ``counts``:
+    candidate, tissue, heterogeneous and kept windows, and ``size_level0``, the windows' side in
+    level-0 px (which windows overlap: the evaluation's k-NN radii skip overlapping patches)."""
 
     slide_id: str
     geometry: GridPlan
@@ -309,7 +311,7 @@ class PatchPlan:
     coords: np.ndarray
     proportions: np.ndarray
     tissue: np.ndarray
-    counts: dict[str, int]
+    counts: dict[str, int | float]
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -334,7 +336,8 @@ def plan_patches(tmap: MapStore, dimensions: tuple[int, int], geometry: GridPlan
     idx = np.flatnonzero(het)
     rng = np.random.default_rng([cfg.seed, _slide_seed(tmap.slide_id)])
     pick = idx[select_spread(coords[idx], size_l0, cfg.max_patches_per_slide, rng)]
-    counts = {"candidates": len(coords), "tissue": int(tissue_ok.sum()), "heterogeneous": int(het.sum()), "kept": len(pick)}
+    counts = {"candidates": len(coords), "tissue": int(tissue_ok.sum()), "heterogeneous": int(het.sum()), "kept": len(pick),
+              "size_level0": round(float(size_l0), 4)}
     return PatchPlan(tmap.slide_id, geometry, rule, coords[pick], props[pick], frac[pick], counts)
 
 

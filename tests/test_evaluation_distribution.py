@@ -14,7 +14,12 @@ from histopipe.evaluation.distribution import (
     distribution_rows,
     evaluate_distribution,
 )
-from histopipe.evaluation.features import ImageSet, embed_set
+from histopipe.evaluation.features import (
+    ImageSet,
+    embed_set,
+    patch_footprints,
+    synthetic_footprints,
+)
 from histopipe.evaluation.frechet import frechet_distance_stats, gaussian_stats
 from histopipe.evaluation.outputs import write_json, write_tsv
 from histopipe.evaluation.settings import EvaluationSettings
@@ -153,3 +158,67 @@ def test_settings_come_from_the_schema_checked_config(tmp_path):
                 "evaluation", EvaluationSettings)
     with pytest.raises(ConfigError, match="knn"):
         load_config(overrides={"evaluation": {"knn": 3}})
+
+
+def _overlapping_store(path, rng, per_slide_attrs: bool):
+    """Patches cut at a quarter of their size on two slides (each overlaps its neighbours)."""
+    import zarr
+
+    images, maps = toy_patches(24, 32, rng)
+    split = np.full(24, 2, np.uint8)
+    write_patch_store(path, images, maps, split)
+    g = zarr.open_group(str(path), mode="r+")
+    xy = np.stack([np.tile(np.arange(12) * 128, 2), np.zeros(24)], axis=1).astype(np.int64)
+    g["coords"][:] = xy
+    g["slide_id"][:] = np.array(["a"] * 12 + ["b"] * 12, dtype=object)
+    g.attrs["config"] = {"patch_size": 512, "stride": 128}
+    if per_slide_attrs:
+        g.attrs["per_slide"] = {"a": {"kept": 12, "size_level0": 513.0}, "b": {"kept": 12, "size_level0": 513.0}}
+    return path
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_patch_footprints_from_the_plan_or_inferred_from_the_grid(tmp_path, recorded):
+    path = _overlapping_store(tmp_path / "p.zarr", np.random.default_rng(2), recorded)
+    fp, why = patch_footprints(path, np.arange(24))
+    assert why == "" and list(fp.slide[:2]) == ["a", "a"] and fp.slide[12] == "b"
+    assert fp.side[0] == (513.0 if recorded else 512.0)  # smallest step 128 x 512 / 128
+    import torch
+
+    over = fp.overlaps(0, 24, torch.device("cpu")).numpy()
+    assert over[0, :4].all() and not over[0, 5:].any()
+    assert over[0, 4] == recorded  # 512 px apart: inside a 513 px window, just outside a 512 px one
+
+
+def test_stores_without_window_geometry_keep_the_plain_estimator(stores):
+    real, _, _, _ = stores
+    fp, why = patch_footprints(real, np.arange(5))
+    assert fp is None and "patch size" in why
+
+
+def test_distribution_records_both_estimators_and_skips_unconditional_sources(tmp_path):
+    real = _overlapping_store(tmp_path / "real.zarr", np.random.default_rng(6), True)
+    images = ImageSet.open(real, "test").read(np.arange(24))[0]
+    maps = np.zeros((24, 32, 32), np.uint16)
+    settings = EvaluationSettings(encoders=("tiny_a",), device="cpu", knn_k=3, manifold_samples=24, batch_size=8)
+    real_set = ImageSet.open(real, split="test")
+    for variant in ("map_crops", "unconditional"):
+        syn = write_synthetic_store(tmp_path / f"{variant}.zarr", images[::-1].copy(), maps, variant, np.arange(24)[::-1].copy())
+        import zarr
+
+        zarr.open_group(str(syn), mode="r+").attrs["dataset"] = str(real)
+        out = evaluate_distribution(real_set, ImageSet.open(syn), settings, encoder_factory=tiny_factory)
+        info, enc = out["knn_independent"], out["encoders"]["tiny_a"]
+        assert info["enabled"] and info["real"]
+        assert info["synthetic"] == (variant == "map_crops")
+        assert enc["plain"] is not None and set(enc["plain"]) == {"precision", "recall", "density", "coverage"}
+        assert enc["radius_fallback"] == {"real": 0, "synthetic": 0}
+        if variant == "map_crops":
+            fp, _ = synthetic_footprints(ImageSet.open(syn), np.arange(24))
+            assert fp.xy[0, 0] == 11 * 128  # image 0 was made from patch 23's map
+        else:
+            assert "no map" in info["synthetic_reason"]
+    off = evaluate_distribution(real_set, ImageSet.open(syn), EvaluationSettings(
+        encoders=("tiny_a",), device="cpu", knn_k=3, manifold_samples=24, batch_size=8, knn_independent=False),
+        encoder_factory=tiny_factory)
+    assert off["knn_independent"] == {"enabled": False} and off["encoders"]["tiny_a"]["plain"] is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from histopipe.errors import HistopipeError
-from histopipe.evaluation.manifold import knn_radii, prdc
+from histopipe.evaluation.manifold import Footprints, knn_radii, prdc
 
 
 def reference_prdc(real, fake, k):
@@ -102,3 +102,60 @@ def test_exact_ties_are_judged_the_same_for_any_chunking():
     assert len(results) == 1
     m = results.pop()
     assert m.precision == m.recall == m.coverage == pytest.approx(115 / 120)
+
+
+def _copies(n_locations: int, copies: int, dim: int, rng, step: float = 10.0, side: float = 40.0):
+    """Overlapping patches: each location cut ``copies`` times at shifts smaller than the
+    window (features nearly equal), the locations far apart on one slide."""
+    centres = rng.normal(size=(n_locations, dim))
+    x = np.repeat(centres, copies, axis=0) + 0.01 * rng.normal(size=(n_locations * copies, dim))
+    xy = np.stack([np.repeat(np.arange(n_locations) * 1000.0, copies) + np.tile(np.arange(copies) * step, n_locations),
+                   np.zeros(n_locations * copies)], axis=1)
+    return x, Footprints(np.array(["s"] * len(x), dtype=object), xy, np.full(len(x), side))
+
+
+def test_radii_skip_overlapping_copies_of_a_patch():
+    rng = np.random.default_rng(3)
+    real, fp = _copies(40, 4, 6, rng)
+    fresh = rng.normal(size=(120, 6))  # independent draws of the same distribution
+    plain = prdc(real, fresh, k=3)
+    aware = prdc(real, fresh, k=3, real_footprints=fp)
+    # Plain radii reach only the patch's own shifted copies: fresh samples almost never fall
+    # inside. Skipping the copies gives the radii of 40 independent locations.
+    assert plain.precision < 0.1 and aware.precision > 0.6
+    assert aware.independent_real and not aware.independent_synthetic and aware.radius_fallback_real == 0
+    # With 4 copies per location and k = 3, the 3 nearest non-overlapping rows are the copies
+    # of the nearest other location: the radius of the nearest neighbour among locations, a
+    # conservative ball (smaller than that of k = 3 independent locations).
+    assert aware.precision == pytest.approx(prdc(real[::4], fresh, k=1).precision, abs=0.05)
+    assert aware.precision < prdc(real[::4], fresh, k=3).precision
+    # Radii of each row: the copies of its own location are never among its k nearest.
+    r = knn_radii(__import__("torch").as_tensor(real), 3, footprints=fp).numpy()
+    own = np.linalg.norm(real - np.repeat(real[::4], 4, axis=0), axis=1)
+    assert r.min() > 5 * own.max()
+
+
+def test_footprints_that_overlap_nothing_change_nothing():
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(60, 5)), rng.normal(size=(50, 5)) + 0.3
+    apart = lambda n: Footprints(np.array([f"s{i}" for i in range(n)], dtype=object), np.zeros((n, 2)), np.full(n, 100.0))  # noqa: E731
+    a = prdc(real, fake, k=4, real_footprints=apart(60), synthetic_footprints=apart(50))
+    p = prdc(real, fake, k=4)
+    assert (a.precision, a.recall, a.density, a.coverage) == (p.precision, p.recall, p.density, p.coverage)
+
+
+def test_footprint_overlap_is_per_slide_and_window():
+    fp = Footprints(np.array(["a", "a", "a", "b"], dtype=object), np.array([[0, 0], [30, 10], [50, 0], [0, 0]]), np.full(4, 40.0))
+    over = fp.overlaps(0, 4, __import__("torch").device("cpu")).numpy()
+    assert over.tolist() == [[True, True, False, False], [True, True, True, False],
+                             [False, True, True, False], [False, False, False, True]]
+
+
+def test_rows_without_enough_independent_neighbours_keep_the_plain_radius():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(10, 3))
+    one_window = Footprints(np.array(["s"] * 10, dtype=object), np.zeros((10, 2)), np.full(10, 5.0))
+    m = prdc(x, x + 0.01, k=3, real_footprints=one_window)
+    assert m.radius_fallback_real == 10 and m.precision == prdc(x, x + 0.01, k=3).precision
+    with pytest.raises(HistopipeError, match="footprints"):
+        prdc(x, x, k=3, real_footprints=Footprints(np.array(["s"] * 9, dtype=object), np.zeros((9, 2)), np.ones(9)))

@@ -158,6 +158,7 @@ def test_plan_keeps_exactly_the_heterogeneous_windows(cmu_slide, boundary_map):
     got = {(int(x), int(y)) for x, y in plan.coords}
     assert got == expect and len(got) > 20
     assert plan.counts["candidates"] == len(xs) * len(ys)
+    assert plan.counts["size_level0"] == pytest.approx(s, abs=1e-3)  # the evaluation's overlap test
     np.testing.assert_allclose(plan.proportions.sum(axis=1), 1.0)
     assert (plan.tissue >= 0.5).all()
 

@@ -20,6 +20,7 @@ import zarr
 
 from histopipe.errors import HistopipeError
 from histopipe.evaluation.frechet import RunningStats
+from histopipe.evaluation.manifold import Footprints
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,72 @@ class ImageSet:
         return out
 
 
+def kept_positions(n: int, keep: int, seed: int) -> np.ndarray:
+    """Positions (ascending) within a set of n of the ``keep`` images whose features
+    :func:`embed_set` keeps for the k-NN metrics."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[: max(keep, 0)])
+
+
+def _window_sides(group: zarr.Group, slides: np.ndarray, coords: np.ndarray) -> dict[str, float] | None:
+    """Each slide's patch side in level-0 px: recorded by the patch plan (``per_slide``
+    ``size_level0``), else, for stores written before it was, the slide's smallest step
+    between patch origins times patch size / stride (the origins lie on that grid)."""
+    per_slide = group.attrs.get("per_slide") or {}
+    config = group.attrs.get("config") or {}
+    sides: dict[str, float] = {}
+    for sid in np.unique(slides):
+        recorded = (per_slide.get(str(sid)) or {}).get("size_level0")
+        if recorded:
+            sides[str(sid)] = float(recorded)
+            continue
+        if not (config.get("stride") and config.get("patch_size")):
+            return None
+        steps = [np.diff(np.unique(coords[slides == sid, a])) for a in (0, 1)]
+        steps = np.concatenate([d[d > 0] for d in steps])
+        if not len(steps):
+            sides[str(sid)] = 0.0  # one patch: overlaps only itself
+            continue
+        sides[str(sid)] = float(steps.min()) * float(config["patch_size"]) / float(config["stride"])
+    return sides
+
+
+def patch_footprints(path: str | Path, rows: np.ndarray) -> tuple[Footprints | None, str]:
+    """Footprints of patch-store rows ``rows`` (their slide and level-0 window), or None and why."""
+    group = open_store(path)
+    if "coords" not in group or "slide_id" not in group:
+        return None, f"{path}: no coords/slide_id arrays"
+    rows = np.asarray(rows, dtype=np.int64)
+    slides = np.array([str(v) for v in group["slide_id"][:]], dtype=object)
+    coords = np.asarray(group["coords"][:], dtype=np.float64)
+    sides = _window_sides(group, slides, coords)
+    if sides is None:
+        return None, f"{path}: no patch size in level-0 px recorded and no patch stride to infer it"
+    side = np.array([sides[s] for s in slides[rows]], dtype=np.float64)
+    return Footprints(slides[rows], coords[rows], side), ""
+
+
+def synthetic_footprints(synthetic: ImageSet, positions: np.ndarray) -> tuple[Footprints | None, str]:
+    """Footprints of synthetic images by the patch whose map (and crops) each was made from:
+    images of overlapping or identical source patches are not independent. Unconditional
+    images depend on no map (None); images of user maps (``source_index`` -1) overlap nothing;
+    a patch store given as the synthetic set (a real reference) has its own footprints."""
+    if synthetic.attrs.get("variant") == "unconditional":
+        return None, "unconditional samples depend on no map"
+    group = open_store(synthetic.path)
+    if "source_index" not in group and "coords" in group:  # real patches in the synthetic's place
+        return patch_footprints(synthetic.path, synthetic.indices[positions])
+    source = synthetic.attrs.get("dataset")
+    if "source_index" not in group or not source or not Path(source).exists():
+        return None, f"{synthetic.path}: no source patches recorded"
+    index = np.asarray(group["source_index"][:], dtype=np.int64)[synthetic.indices[positions]]
+    known = index >= 0
+    fp, why = patch_footprints(source, np.where(known, index, 0))
+    if fp is None:
+        return None, why
+    slide = np.where(known, fp.slide, np.array([f"user-map-{i}" for i in range(len(index))], dtype=object))
+    return Footprints(slide, fp.xy, fp.side), ""
+
+
 def embed_set(
     encoder: FeatureEncoder,
     images: ImageSet,
@@ -151,7 +218,7 @@ def embed_set(
     float32 (min(keep, N), D) of a seeded random ``keep`` of the images (for k-NN metrics)."""
     n = len(images)
     keep_mask = np.zeros(n, dtype=bool)
-    keep_mask[np.random.default_rng(seed).permutation(n)[: max(keep, 0)]] = True
+    keep_mask[kept_positions(n, keep, seed)] = True
     stats = RunningStats(encoder.dim)
     kept: list[np.ndarray] = []
     start = 0

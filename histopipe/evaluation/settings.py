@@ -49,6 +49,7 @@ class EvaluationSettings:
     max_samples: int | None = 10000
     manifold_samples: int = 5000
     knn_k: int = 5
+    knn_independent: bool = True
     seed: int = 0
     batch_size: int = 64
     variants: tuple[str, ...] = ("unconditional", "map", "map_crop_embeddings", "map_crops")
