@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -50,6 +51,23 @@ def progress_rows(models: Path) -> list[dict]:
                 row[f"{key}_first"], row[f"{key}_last"] = first.get(key), last[key]
         rows.append(row)
     return rows
+
+
+def estimator_rows(evaluation: Path) -> list[str]:
+    """Precision/recall/density/coverage with radii that skip overlapping patches (the table's)
+    against the plain estimator's, per variant and encoder, from the distribution JSONs."""
+    lines = []
+    for path in sorted((evaluation / "distribution").glob("*.json")):
+        result = json.loads(path.read_text())
+        for name, enc in result["encoders"].items():
+            plain = enc.get("plain") or {}
+            cells = [f"{_fmt(enc.get(m))} / {_fmt(plain.get(m))}" for m in ("precision", "recall", "density", "coverage")]
+            lines.append(f"| {result['variant']} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def benchmark_minutes(results: Path) -> dict[str, float]:
@@ -112,6 +130,9 @@ def main() -> None:
         psnr = f"{p['psnr_first']:.1f} → {p['psnr_last']:.1f}" if "psnr_last" in p else "–"
         lines.append(f"| {p['model']} | {p['first_step']} → {p['last_step']} | {p['fd_first']:.1f} → {p['fd_last']:.1f} | "
                      f"{p['fd_ratio']:.2f} | {label} | {psnr} |")
+    lines += ["", "## k-NN metrics: radii that skip overlapping patches / plain radii", "",
+              "| variant | encoder | precision | recall | density | coverage |", "|---|---|---:|---:|---:|---:|"]
+    lines += estimator_rows(_one("evaluation/*", args.results))
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, met in targets(table, progress):
         lines.append(f"| {name} | {value} | {'n/a' if met is None else ('yes' if met else 'no')} |")
