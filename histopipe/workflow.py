@@ -347,10 +347,9 @@ class Cohort:
 
     def evaluation_outputs(self, kind: str) -> list[str]:
         r, d = self.results, self.dataset_id
-        if kind == "distribution":
-            return [paths.EVAL_DISTRIBUTION.format(results=r, dataset=d, variant=v) for v in self.variants]
-        if kind == "fidelity":  # the real row is the reference of both measures
-            return [paths.EVAL_FIDELITY.format(results=r, dataset=d, variant=v) for v in [*self.variants, "real"]]
+        if kind in ("distribution", "fidelity"):  # the real row is the reference of every measure
+            path = paths.EVAL_DISTRIBUTION if kind == "distribution" else paths.EVAL_FIDELITY
+            return [path.format(results=r, dataset=d, variant=v) for v in [*self.variants, "real"]]
         return [paths.EVAL_SEGMENTATION.format(results=r, dataset=d, mode=m, variant=v) for m, v in self.segmentation_runs()]
 
     def final_outputs(self) -> list[str]:

@@ -42,22 +42,25 @@ def single_thread():
         yield
 
 
+_SPLIT = np.repeat([0, 1, 2], [16, 4, 20]).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     rng = np.random.default_rng(0)
     images, maps = toy_patches(40, 32, rng)
-    split = np.repeat([0, 1, 2], [16, 4, 20]).astype(np.uint8)
+    split = _SPLIT
     real = write_patch_store(root / "patches.zarr", images, maps, split)
     # "Perfect" synthesis: exactly the held-out real patches; and one in the wrong colours.
     same = write_synthetic_store(root / "same.zarr", images[split == 2], maps[split == 2], "map_raw_crops")
     off_images, off_maps = toy_patches(20, 32, np.random.default_rng(1), COLOURS_OFF)
     off = write_synthetic_store(root / "off.zarr", off_images, off_maps, "unconditional")
-    return real, same, off, images
+    return real, same, off, images, maps
 
 
 def test_image_sets_select_splits_and_seeded_subsets(stores):
-    real, same, _, images = stores
+    real, same, _, images, _ = stores
     test = ImageSet.open(real, split="test")
     assert len(test) == 20 and test.n_available == 20 and test.indices[0] == 20
     a = ImageSet.open(real, split="all", max_samples=10, seed=3)
@@ -73,7 +76,7 @@ def test_image_sets_select_splits_and_seeded_subsets(stores):
 
 
 def test_streamed_features_equal_one_batch(stores):
-    real, _, _, _ = stores
+    real, _, _, _, _ = stores
     enc = TimmAdapter()
     test = ImageSet.open(real, split="test")
     small, kept = embed_set(enc, test, batch_size=3, keep=7, seed=0)
@@ -87,7 +90,7 @@ def test_streamed_features_equal_one_batch(stores):
 
 
 def test_identical_synthetic_set_scores_perfectly_and_a_wrong_one_does_not(stores, tmp_path):
-    real, same, off, _ = stores
+    real, same, off, _, _ = stores
     settings = EvaluationSettings(encoders=("tiny_a", "tiny_b"), device="cpu", knn_k=3,
                                   manifold_samples=15, batch_size=8)
     real_set = ImageSet.open(real, split="test")
@@ -114,7 +117,7 @@ def test_identical_synthetic_set_scores_perfectly_and_a_wrong_one_does_not(store
 
 
 def test_fd_of_features_matches_direct_computation(stores):
-    real, _, off, _ = stores
+    real, _, off, _, _ = stores
     enc = TimmAdapter("test_convnext", seed=1)
     a, b = ImageSet.open(real, split="test"), ImageSet.open(off)
     sa, _ = embed_set(enc, a, 6)
@@ -128,7 +131,7 @@ def test_fd_of_features_matches_direct_computation(stores):
 @pytest.mark.slow
 def test_cli_with_the_registry_encoder(stores, tmp_path):
     # The offline default encoder's weights are a declared dependency: no skip.
-    real, same, _, _ = stores
+    real, same, _, _, _ = stores
     config = tmp_path / "config.yaml"
     config.write_text("evaluation: {device: cpu, knn_k: 2, manifold_samples: 10, batch_size: 8}\n")
     out = tmp_path / "metrics.json"
@@ -138,6 +141,19 @@ def test_cli_with_the_registry_encoder(stores, tmp_path):
     enc = result["encoders"]["efficientnet_lite0"]
     assert enc["dim"] == 1280 and enc["fd"] < 1e-3 and enc["precision"] == 1.0
     assert (tmp_path / "m.tsv").read_text().startswith("variant\tencoder")
+    # The real reference row: real patches of other slides in the synthetic's place, the val
+    # split where it has patches, else train.
+    ref = tmp_path / "real.json"
+    run_cli("evaluate-distribution", "--real", real, "--synthetic", real, "--synthetic-split", "val,train",
+            "--variant", "real", "--encoders", "efficientnet_lite0", "--config", config, "--out", ref)
+    assert json.loads(ref.read_text())["synthetic"]["split"] == "val"
+    no_val = write_patch_store(tmp_path / "no_val.zarr", *stores[3:], np.where(_SPLIT == 1, 0, _SPLIT))
+    run_cli("evaluate-distribution", "--real", no_val, "--synthetic", no_val, "--synthetic-split", "val,train",
+            "--variant", "real", "--encoders", "efficientnet_lite0", "--config", config, "--out", ref)
+    assert json.loads(ref.read_text())["synthetic"]["split"] == "train"
+    r = run_cli("evaluate-distribution", "--real", real, "--synthetic", real, "--synthetic-split", "val,holdout",
+                "--config", config, "--out", ref, check=False)
+    assert r.returncode != 0 and "--synthetic-split 'val,holdout'" in r.stderr
 
 
 def test_settings_come_from_the_schema_checked_config(tmp_path):
@@ -191,7 +207,7 @@ def test_patch_footprints_from_the_plan_or_inferred_from_the_grid(tmp_path, reco
 
 
 def test_stores_without_window_geometry_keep_the_plain_estimator(stores):
-    real, _, _, _ = stores
+    real, _, _, _, _ = stores
     fp, why = patch_footprints(real, np.arange(5))
     assert fp is None and "patch size" in why
 

@@ -212,6 +212,8 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     assert [row.split("\t")[0] for row in table[1:]] == ["unconditional", "map_crops", "real"]
     real_row = dict(zip(header, table[-1].split("\t"), strict=True))
     assert float(real_row["label_miou"]) == pytest.approx(float(real_row["miou"]), abs=1e-6)  # the upper bound
+    # FD and precision/recall of real patches of other slides: the reference of those columns.
+    assert float(real_row["fd:efficientnet_lite0"]) >= 0 and 0 <= float(real_row["recall:efficientnet_lite0"]) <= 1
 
     # The self-contained HTML report.
     report = tmp_path / "report.html"

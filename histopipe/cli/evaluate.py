@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="split of --real used as reference (default: evaluation.real_split)")
     p.add_argument("--synthetic", required=True, metavar="SYN.zarr",
                    help="synthetic store (`images` uint8 (N,S,S,3)); a patch store also works")
-    p.add_argument("--synthetic-split", default="all", choices=("train", "val", "test", "all"),
-                   help="split of --synthetic when it is a patch store (default: all rows)")
+    p.add_argument("--synthetic-split", default="all",
+                   help="split of --synthetic when it is a patch store (default: all rows); a list "
+                        "such as val,train takes the first that has patches (the real reference row)")
     p.add_argument("--encoders", type=_csv, metavar="A,B",
                    help="comma-separated registry names (default: evaluation.encoders)")
     p.add_argument("--variant", help="row name in the ablation table (default: store attrs)")
@@ -154,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_distribution(args: argparse.Namespace) -> int:
+    from histopipe.errors import HistopipeError
     from histopipe.evaluation.distribution import (
         TSV_COLUMNS,
         distribution_rows,
@@ -166,8 +168,18 @@ def run_distribution(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.config_json).with_overrides(encoders=args.encoders, seed=args.seed)
     real = ImageSet.open(args.real, args.real_split or settings.real_split,
                          settings.max_samples, settings.seed)
-    synthetic = ImageSet.open(args.synthetic, args.synthetic_split,
-                              settings.max_samples, settings.seed + 1)
+    splits = [x.strip() for x in args.synthetic_split.split(",") if x.strip()]
+    bad = [x for x in splits if x not in ("train", "val", "test", "all")]
+    if bad or not splits:
+        raise HistopipeError(f"--synthetic-split {args.synthetic_split!r}: splits are train, val, test or all")
+    synthetic = None
+    for i, split in enumerate(splits):
+        try:
+            synthetic = ImageSet.open(args.synthetic, split, settings.max_samples, settings.seed + 1)
+            break
+        except HistopipeError:
+            if i == len(splits) - 1:
+                raise
     result = evaluate_distribution(real, synthetic, settings, variant=args.variant)
     write_json(args.out, result)
     if args.tsv:

@@ -81,10 +81,17 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
                     put(f"{metric}:{name}", enc[metric])
                 for metric, reason in enc.get("reasons", {}).items():
                     notes.add(f"{variant}, {metric} ({name}): n/a, {reason}")
+            indep = res.get("knn_independent") or {}
             notes.add(
                 f"FD and k-NN metrics (k={res['knn_k']}, seed {res['seed']}) against "
                 f"{res['real']['n_used']} real {res['real']['split']} patches"
+                + ("; k-NN radii skip overlapping patches" if indep.get("real") else "")
             )
+            if variant == "real":
+                notes.add(
+                    f"real row, FD and k-NN metrics: {res['synthetic']['n_used']} real "
+                    f"{res['synthetic']['split']} patches (other slides) in the synthetic images' place"
+                )
         elif kind == "fidelity":
             label, crop = res["label"], res["crop"]
             values = {"label_miou": label.get("miou"), "label_accuracy": label.get("pixel_accuracy"),
@@ -154,9 +161,11 @@ def _cell(column: str, value) -> str:
 
 
 def _best(table: AblationTable, column: str) -> float | None:
-    """The best value of a column, or None where "best" means nothing: density (ideal 1,
-    not maximal), counts, or a column whose values are all equal."""
-    values = [v for v in table.column_values(column) if isinstance(v, (int, float))]
+    """The best value of a column among the synthetic variants (the real row is their
+    reference), or None where "best" means nothing: density (ideal 1, not maximal), counts,
+    or a column whose values are all equal."""
+    values = [r.get(column) for r in table.rows if r.get("variant") != "real"]
+    values = [v for v in values if isinstance(v, (int, float))]
     if column.partition(":")[0] in NO_BEST or len(set(values)) < 2:
         return None
     lower = column.partition(":")[0] in LOWER_IS_BETTER

@@ -1,5 +1,6 @@
 # Parse-time validation of the config and the cohort sheet; input functions.
 import json
+import shlex
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -122,6 +123,21 @@ def fidelity_inputs(wildcards):
     if wildcards.variant != "real":
         inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
     return inputs
+
+
+def distribution_inputs(wildcards):
+    """The held-out synthetic store of a variant; for the real reference row, the dataset alone."""
+    inputs = {"dataset": COHORT.dataset()}
+    if wildcards.variant != "real":
+        inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
+    return inputs
+
+
+def distribution_source(wildcards, input):
+    """The real reference row: real patches of other slides (val, else train) in the synthetic's place."""
+    if wildcards.variant == "real":
+        return f"--synthetic {shlex.quote(input.dataset)} --synthetic-split val,train"
+    return f"--synthetic {shlex.quote(input.synthetic)}"
 
 
 def fidelity_source(wildcards, input):

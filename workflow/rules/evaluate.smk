@@ -1,12 +1,12 @@
 rule evaluate_distribution:
     input:
-        synthetic=paths.SYNTHETIC_STORE.format(results=R, dataset=DATASET, variant="{variant}", mode="held-out"),
-        dataset=COHORT.dataset(),
+        unpack(distribution_inputs),
     output:
         json=paths.EVAL_DISTRIBUTION.format(results=R, dataset=DATASET, variant="{variant}"),
         tsv=paths.EVAL_DISTRIBUTION_TSV.format(results=R, dataset=DATASET, variant="{variant}"),
     params:
         cfg=config_json("evaluation"),
+        source=distribution_source,
     log:
         paths.LOG.format(results=R, rule="evaluate_distribution", name=join_name(DATASET, "{variant}")),
     threads: 2
@@ -17,7 +17,7 @@ rule evaluate_distribution:
         runtime=240,
         gpu=1,
     shell:
-        "histopipe evaluate-distribution --real {input.dataset:q} --synthetic {input.synthetic:q} "
+        "histopipe evaluate-distribution --real {input.dataset:q} {params.source} "
         "--variant {wildcards.variant} --out {output.json:q} --tsv {output.tsv:q} "
         "--config-json {params.cfg:q} > {log:q} 2>&1"
 
