@@ -131,6 +131,17 @@ def mixed_precision_mode(setting: str) -> str:
     return "no" if setting == "fp32" else setting
 
 
+def _forget_mixed_precision() -> None:
+    """Let this run choose its own mixed precision. accelerate keeps the first Accelerator's
+    settings for the life of the process and refuses another precision, so a second training
+    in one process (a VAE in fp32, then an LDM in bf16) would fail. Only the accelerator-level
+    state is dropped: the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (renamed into place, with a state file) as (step, path), oldest first."""
     found = []
@@ -219,6 +230,7 @@ def train(
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    _forget_mixed_precision()
     accelerator = Accelerator(
         # Without CUDA, processes started by torchrun only form a group (gloo) when told
         # they run on the CPU.
