@@ -117,20 +117,18 @@ def ldm_config_json(wildcards):
 
 
 
-def fidelity_inputs(wildcards):
-    """The synthetic store of a variant; none for the real reference row."""
-    inputs = {"dataset": COHORT.dataset(), "segmenter": COHORT.segmenter(), "crop_bank": COHORT.crop_bank()}
-    if wildcards.variant != "real":
-        inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
-    return inputs
-
-
 def distribution_inputs(wildcards):
-    """The held-out synthetic store of a variant; for the real reference row, the dataset alone."""
+    """The dataset and the held-out synthetic store of a variant; the real reference row has
+    no synthetic store (its real patches stand in)."""
     inputs = {"dataset": COHORT.dataset()}
     if wildcards.variant != "real":
         inputs["synthetic"] = COHORT.synthetic(wildcards.variant)
     return inputs
+
+
+def fidelity_inputs(wildcards):
+    """The distribution inputs, and the judges of label and crop fidelity."""
+    return {**distribution_inputs(wildcards), "segmenter": COHORT.segmenter(), "crop_bank": COHORT.crop_bank()}
 
 
 def distribution_source(wildcards, input):
@@ -141,7 +139,7 @@ def distribution_source(wildcards, input):
 
 
 def fidelity_source(wildcards, input):
-    return "--reference" if wildcards.variant == "real" else f"--synthetic {input.synthetic}"
+    return "--reference" if wildcards.variant == "real" else f"--synthetic {shlex.quote(input.synthetic)}"
 
 
 def training_model(wildcards):
