@@ -17,6 +17,7 @@ from histopipe.evaluation.distribution import evaluate_distribution
 from histopipe.evaluation.features import ImageSet
 from histopipe.evaluation.fidelity import (
     BankByType,
+    CropPair,
     crop_fidelity,
     crop_pairs,
     label_fidelity,
@@ -79,7 +80,15 @@ def _canvases(images, boxes, valid):
     return out
 
 
-def test_crop_fidelity_is_above_one_only_when_images_follow_their_crops(tmp_path):
+@pytest.fixture(scope="module")
+def lite0():
+    from histopipe.encoders import get_encoder
+
+    return get_encoder("efficientnet_lite0")
+
+
+@pytest.mark.parametrize("features", ["pooled", "appearance"])
+def test_crop_fidelity_is_above_one_only_when_images_follow_their_crops(tmp_path, features, request):
     real = write_cohort(tmp_path / "patches.zarr", n=96, size=32)
     build_crop_bank(real, tmp_path / "bank.zarr", CropBankConfig(per_type=20, size=16, splits=("train",)))
     bank = BankByType(tmp_path / "bank.zarr")
@@ -91,17 +100,33 @@ def test_crop_fidelity_is_above_one_only_when_images_follow_their_crops(tmp_path
     other = np.roll(np.arange(24), 1)
     ignored = _synthetic_store(tmp_path / "b.zarr", images, maps, boxes, labels, valid,
                                _canvases(images[other], boxes, valid), slides)
+    # Pooled features of a colour-only encoder; appearance statistics of the real registry encoder.
+    encoder = ColourStats() if features == "pooled" else request.getfixturevalue("lite0")
     result = {}
-    for name, store in (("follows", follows), ("ignores", ignored)):
-        pairs, skipped = crop_pairs(store, bank, min_side=6, seed=0)
-        assert pairs and skipped["no_random_crop"] == 0
-        result[name] = crop_fidelity(ColourStats(), pairs, skipped)
-    assert result["follows"]["ratio"] > 1.02 and result["follows"]["ratio_outside"] > 1.01
-    assert result["follows"]["ratio"] > result["ignores"]["ratio"]
-    assert result["ignores"]["ratio"] < 1.01
+    with one_thread():
+        for name, store in (("follows", follows), ("ignores", ignored)):
+            pairs, skipped = crop_pairs(store, bank, min_side=6, seed=0)
+            assert pairs and skipped["no_random_crop"] == 0
+            result[name] = crop_fidelity(encoder, pairs, skipped, features)
+    follows, ignores = result["follows"], result["ignores"]
+    assert follows["features"] == features and follows["n_pairs"] == ignores["n_pairs"]
+    assert follows["ratio"] > 1.02 and follows["ratio_outside"] > 1.01
+    assert follows["ratio"] > ignores["ratio"] and follows["win"] > ignores["win"]
+    assert ignores["ratio"] < 1.01
+    if features == "appearance":
+        # Distances: the own crop is nearer its region than a random crop of its type, for most pairs.
+        assert follows["own"] < follows["random"] and follows["win"] > 0.6 and follows["ratio_in_place"] > follows["ratio"]
     # No usable pair: a reason, not a crash or NaN.
-    empty = crop_fidelity(ColourStats(), [], {"small_region": 3, "no_random_crop": 0})
+    empty = crop_fidelity(encoder, [], {"small_region": 3, "no_random_crop": 0}, features)
     assert empty["ratio"] is None and "no conditioning crop" in empty["reason"]
+
+
+def test_crop_fidelity_features_must_be_known_and_available():
+    pair = CropPair(*(np.zeros((8, 8, 3), np.uint8) for _ in range(5)))
+    with pytest.raises(HistopipeError, match="choose one of appearance, pooled"):
+        crop_fidelity(ColourStats(), [pair], {}, "gram")
+    with pytest.raises(HistopipeError, match="no appearance statistics"):
+        crop_fidelity(ColourStats(), [pair], {}, "appearance")
 
 
 @pytest.mark.slow

@@ -204,6 +204,7 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
         assert [p["step"] for p in progress] == [3, 6] and all("fd" in p and "label_miou" in p for p in progress)
         fidelity = json.loads((results / "evaluation" / name / "fidelity" / f"{variant}.json").read_text())
         assert fidelity["label"]["n_images"] == n_test and fidelity["crop"]["n_pairs"] > 0
+        assert fidelity["crop"]["features"] == "appearance" and fidelity["crop"]["ratio"] > 0
     assert (results / "evaluation" / name / "segmentation" / "real" / "segmenter.pt").is_file()
     assert (results / "evaluation" / name / "figures" / "variants.png").stat().st_size > 1000
     table = (results / "evaluation" / name / "ablation.tsv").read_text().splitlines()
@@ -229,6 +230,15 @@ def test_full_demo_workflow_report_then_new_slide_with_existing_tissue_types(tmp
     rows = [dict(zip(head, line.split("\t"), strict=True)) for line in table[1:]]
     assert sorted(r["slide_id"] for r in rows) == sorted(["cmu1_small_region", "cmu1_generic", "cmu1_subifd", "cmu1_gaps"])
     assert all((tmp_path / r["map_png"]).is_file() and r["top_types"] for r in rows)
+
+    # A new crop-fidelity setting reruns the evaluations that read it; the real-arm segmenter
+    # and the models that it monitors stay.
+    pooled = tmp_path / "pooled.yaml"
+    pooled.write_text("evaluation:\n  fidelity_features: pooled\n")
+    r = snakemake(tmp_path, "-n", *cfg, extra_configs=(FAST, pooled))
+    counts = _job_counts(r.stdout + r.stderr)
+    assert r.returncode == 0 and counts.get("evaluate_fidelity") == 3, counts
+    assert not [rule for rule in counts if rule.startswith("train_") or rule in ("synthesize", "evaluate_segmentation")], counts
 
     # A new slide, assigned to the fitted tissue types: only its own per-slide jobs run
     # (plus the cohort-level collections), no refit.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from histopipe.errors import ConfigError, WeightsError
+from histopipe.errors import ConfigError, HistopipeError, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -349,6 +349,32 @@ class Encoder(nn.Module):
         amp = autocast_dtype(precision, self.device, self.spec)
         with torch.inference_mode(), autocast(self.device, amp):
             return self(x).float().cpu()
+
+    def appearance(self, images: Sequence[np.ndarray], stages: int = 3, precision: str = "auto") -> torch.Tensor:
+        """Colour and texture statistics of uint8 RGB images ``(B, H, W, 3)``: the per-channel
+        mean and standard deviation of the activations of the model's first ``stages`` feature
+        stages (the statistics style transfer matches), each stage's block scaled to unit length
+        and the whole to unit length, so that every stage counts equally. float32 ``(B, D)``
+        on the CPU. Pooled final features say *what* tissue a crop shows; these say how it
+        looks (stain, texture at the scale of a few pixels)."""
+        if not hasattr(self.model, "forward_intermediates"):
+            raise HistopipeError(
+                f"encoder {self.spec.name!r} ({self.spec.architecture}): timm gives no intermediate features for it, "
+                "so it has no appearance statistics; choose another encoder or pooled features"
+            )
+        batch = [self.transform(np.asarray(im)) for im in images]
+        if not batch:
+            return torch.zeros((0, 0), dtype=torch.float32)
+        x = self.normalize(torch.stack(batch))
+        amp = autocast_dtype(precision, self.device, self.spec)
+        with torch.inference_mode(), autocast(self.device, amp):
+            maps = self.model.forward_intermediates(x, indices=list(range(stages)), intermediates_only=True)
+        blocks = []
+        for fmap in maps:
+            fmap = fmap.float().flatten(2)  # (B, C, HW)
+            stats = torch.cat([fmap.mean(2), fmap.std(2)], dim=1)
+            blocks.append(nn.functional.normalize(stats, dim=1))
+        return nn.functional.normalize(torch.cat(blocks, dim=1), dim=1).cpu()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

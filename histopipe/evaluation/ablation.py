@@ -5,7 +5,7 @@ Column keys (TSV header) are machine-friendly: ``fd:<encoder>``, ``precision:<en
 ``recall:<encoder>``, ``density:<encoder>``, ``coverage:<encoder>``; ``label_miou`` /
 ``label_accuracy`` (the real-arm segmenter on the row's images against their maps; the
 ``real`` row holds its upper bound, the ``unconditional`` row the chance level);
-``crop_fidelity`` / ``crop_fidelity_outside`` (own-crop vs random-crop similarity ratio); ``miou`` /
+``crop_fidelity`` / ``crop_fidelity_outside`` (how much nearer a region lies to its own crop than to a random crop of its type); ``miou`` /
 ``mdice`` (model trained on the row's data alone: synthetic only, or real for the ``real``
 row) and ``miou_both`` / ``mdice_both`` (trained on real + synthetic). A metric that could not
 be computed is empty in the TSV and "n/a" in Markdown and HTML, with its reason in the notes.
@@ -49,6 +49,14 @@ class AblationTable:
     def column_values(self, column: str) -> list[float | None]:
         return [row.get(column) for row in self.rows]
 
+
+
+def _crop_measure(crop: dict) -> str:
+    """How a fidelity JSON's crop ratio was measured, in words (older files: pooled cosine)."""
+    if crop.get("features", "pooled") == "appearance":
+        return (f"distance of a random crop over that of the own crop, in appearance statistics (channel means "
+                f"and deviations of {crop.get('encoder')}'s first {crop.get('stages')} stages),")
+    return f"cosine similarity ({crop.get('encoder')}) of the own crop over that of a random crop,"
 
 def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTable:
     """Merge distribution and segmentation results (dicts from the metric JSONs) into rows.
@@ -107,8 +115,8 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
             notes.add(
                 f"Label fidelity: the real-arm segmenter on each synthetic image against its own map "
                 f"(real row: on the real test patches, the upper bound; unconditional row: the chance "
-                f"level). Crop fidelity: similarity ({crop.get('encoder')}) of each conditioning crop to "
-                "its synthesised region over that of a random crop of the type from another slide "
+                f"level). Crop fidelity: {_crop_measure(crop)} between each conditioning crop and its "
+                "synthesised region, against a random crop of the type from another slide "
                 "(> 1: the crops are used; 'outside box': the crop's own box cut out of the region; "
                 "real row: the real patches with their own crops)"
             )

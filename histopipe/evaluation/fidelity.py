@@ -7,11 +7,16 @@
   Upper bound: the same segmenter on the real test patches against their maps (the real arm's
   own test score). Chance level: unconditional samples against the held-out maps they were
   paired with (the ``unconditional`` row).
-- **Crop fidelity**: for every crop a synthetic image was conditioned on, the cosine
-  similarity, in a registry encoder's features, between the crop and a square of the
-  synthesised pixels of its region, divided by the same similarity for a random crop of the
-  same tissue type from another slide (the crop bank). Above 1: the image looks more like its
-  own crop than like its tissue type in general, i.e. the crop was used. The region square is
+- **Crop fidelity**: for every crop a synthetic image was conditioned on, how far a square
+  of the synthesised pixels of its region lies from a random crop of the same tissue type
+  from another slide (the crop bank), over how far it lies from its own crop, in a registry
+  encoder's *appearance statistics* (the per-channel mean and standard deviation of its
+  first stages' activations: stain and fine texture, what a crop is meant to carry). Above 1:
+  the image looks more like its own crop than like its tissue type in general, i.e. the crop
+  was used; ``win`` is the fraction of crops for which that holds. The encoder's pooled
+  output (``fidelity_features: pooled``, by cosine similarity) says what the tissue is rather
+  than how it looks: every crop of a cohort scores 0.7-0.8 against every region there, which
+  squeezes the ratio towards 1 (real patches with their own crops: 1.13). The region square is
   the largest square inside the region, nearest its centroid, chosen without looking at the
   crop; ``outside`` repeats the measure with the crop's own box cut out of the region, so that
   copying the crop into place does not count, only carrying its appearance across the region;
@@ -165,35 +170,68 @@ def crop_pairs(
     return pairs, skipped
 
 
-def _embed(encoder: FeatureEncoder, images: list[np.ndarray], batch: int = 64) -> torch.Tensor:
-    """Unit-length features (N, D) of uint8 images of any sizes (the encoder resizes them)."""
-    feats = [encoder.embed(list(images[i : i + batch])).float() for i in range(0, len(images), batch)]
-    return torch.nn.functional.normalize(torch.cat(feats), dim=1)
+FEATURES = ("appearance", "pooled")
 
 
-def crop_fidelity(encoder: FeatureEncoder, pairs: list[CropPair], skipped: dict[str, int]) -> dict:
-    """Ratios of mean cosine similarity (own crop vs random crop of the type) to the region
-    square, and to the square outside the crop's box; None with a reason when nothing counts.
-    Each image is embedded once."""
-    out: dict = {"n_pairs": len(pairs), "skipped": skipped}
+def _features(encoder: FeatureEncoder, images: list[np.ndarray], features: str, stages: int, batch: int = 64) -> torch.Tensor:
+    """Unit-length features (N, D) of uint8 images of any sizes (the encoder resizes them):
+    the encoder's appearance statistics or its pooled output."""
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = list(images[i : i + batch])
+        out.append(encoder.appearance(chunk, stages) if features == "appearance" else encoder.embed(chunk))
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=1)
+
+
+def _compare(features: str, crop: torch.Tensor, random: torch.Tensor, target: torch.Tensor) -> dict:
+    """Own crop against random crop of the type, as seen from ``target`` (the synthesised
+    squares): ``ratio`` (above 1: nearer the own crop), ``win`` (fraction of pairs whose target
+    is nearer its own crop) and the two mean statistics. Pooled features compare by cosine
+    similarity (own / random), appearance statistics by distance (random / own), so that a
+    ratio near 1 always means the crop made no difference."""
+    if features == "pooled":
+        own, rnd = (crop * target).sum(1), (random * target).sum(1)
+        nearer, ratio = own > rnd, own.mean() / rnd.mean()
+    else:
+        own, rnd = (crop - target).norm(dim=1), (random - target).norm(dim=1)
+        nearer, ratio = own < rnd, rnd.mean() / own.mean()
+    return {"ratio": float(ratio), "win": float(nearer.float().mean()), "own": float(own.mean()), "random": float(rnd.mean())}
+
+
+def crop_fidelity(
+    encoder: FeatureEncoder, pairs: list[CropPair], skipped: dict[str, int], features: str = "appearance", stages: int = 3,
+) -> dict:
+    """Crop fidelity of ``pairs``: how much nearer each synthesised region square lies to its
+    own crop than to a random crop of its type, in the encoder's ``features`` (``appearance``:
+    channel statistics of its first ``stages`` stages, compared by distance; ``pooled``: its
+    output, compared by cosine similarity). ``ratio`` for the region square, ``ratio_outside``
+    for the square outside the crop's box, ``ratio_in_place`` for the crop's own box, each with
+    its ``win`` rate; None with a reason when nothing counts. Each image is embedded once."""
+    if features not in FEATURES:
+        raise HistopipeError(f"crop fidelity features {features!r}: choose one of {', '.join(FEATURES)}")
+    if features == "appearance" and not hasattr(encoder, "appearance"):
+        raise HistopipeError(f"encoder {type(encoder).__name__} has no appearance statistics; use pooled features")
+    out: dict = {"features": features, "stages": stages if features == "appearance" else None,
+                 "statistic": "distance" if features == "appearance" else "cosine similarity",
+                 "n_pairs": len(pairs), "skipped": skipped}
     if not pairs:
         out.update(ratio=None, ratio_outside=None, ratio_in_place=None,
                    reason="no conditioning crop had a region square and a same-type crop from another slide")
         return out
-    crop = _embed(encoder, [p.crop for p in pairs])
-    random = _embed(encoder, [p.random for p in pairs])
-    region = _embed(encoder, [p.region for p in pairs])
-    own, rnd = (crop * region).sum(1), (random * region).sum(1)
-    out.update(own=float(own.mean()), random=float(rnd.mean()), ratio=float(own.mean() / rnd.mean()))
-    in_place = _embed(encoder, [p.in_place for p in pairs])
-    out["ratio_in_place"] = float((crop * in_place).sum(1).mean() / (random * in_place).sum(1).mean())
+
+    def embed(images: list[np.ndarray]) -> torch.Tensor:
+        return _features(encoder, images, features, stages)
+
+    crop, random = embed([p.crop for p in pairs]), embed([p.random for p in pairs])
+    out.update(_compare(features, crop, random, embed([p.region for p in pairs])))
+    in_place = _compare(features, crop, random, embed([p.in_place for p in pairs]))
+    out.update(ratio_in_place=in_place["ratio"], win_in_place=in_place["win"])
     keep = [i for i, p in enumerate(pairs) if p.outside is not None]
     out["n_pairs_outside"] = len(keep)
     if keep:
-        outside = _embed(encoder, [pairs[i].outside for i in keep])
-        own_o, rnd_o = (crop[keep] * outside).sum(1), (random[keep] * outside).sum(1)
-        out.update(own_outside=float(own_o.mean()), random_outside=float(rnd_o.mean()),
-                   ratio_outside=float(own_o.mean() / rnd_o.mean()))
+        outside = _compare(features, crop[keep], random[keep], embed([pairs[i].outside for i in keep]))
+        out.update(ratio_outside=outside["ratio"], win_outside=outside["win"],
+                   own_outside=outside["own"], random_outside=outside["random"])
     else:
         out.update(ratio_outside=None, reason_outside="no region left a square outside its crop's box")
     return out
@@ -238,7 +276,8 @@ def evaluate_fidelity(
     encoder = (encoder_factory or registry_factory)(name, weights=settings.encoder_weights.get(name), device=str(device))
     pairs, skipped = crop_pairs(store, BankByType(bank_path, lut), settings.fidelity_min_side, settings.seed,
                                 str(images_set.path), rows, settings.fidelity_max_pairs)
-    result["crop"] = {"encoder": name, **crop_fidelity(encoder, pairs, skipped)}
+    result["crop"] = {"encoder": name, **crop_fidelity(encoder, pairs, skipped, settings.fidelity_features,
+                                                        settings.fidelity_stages)}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     lab, crop = result["label"], result["crop"]
     log.info("%s: label fidelity mIoU %s, crop fidelity ratio %s (outside the box %s, in place %s)", variant,

@@ -57,6 +57,8 @@ class EvaluationSettings:
     fidelity_encoder: str = "efficientnet_lite0"
     fidelity_min_side: int = 8
     fidelity_max_pairs: int | None = 300
+    fidelity_features: str = "appearance"
+    fidelity_stages: int = 3
     segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
 
     def __post_init__(self):

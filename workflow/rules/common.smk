@@ -90,6 +90,18 @@ def config_json(*sections):
     return json.dumps({s: config[s] for s in sections})
 
 
+# The settings of the `evaluation` section that DeepLabv3+ training reads. Its jobs get only
+# these, so that a new metric setting does not retrain the real-arm segmenter (an input of
+# every LDM's progress evaluations) and, after it, every model.
+SEGMENTATION_SETTINGS = ("segmentation", "device", "seed")
+
+
+def evaluation_json(keys=None):
+    """The evaluation section as JSON, or only its ``keys``."""
+    section = config["evaluation"]
+    return json.dumps({"evaluation": section if keys is None else {k: section[k] for k in keys}})
+
+
 def join_name(*parts):
     """Log and benchmark names nest like the outputs they belong to."""
     return "/".join(parts)

@@ -31,7 +31,7 @@ rule train_segmenter:
         json=paths.EVAL_SEGMENTATION.format(results=R, dataset=DATASET, mode="real", variant="real"),
         model=COHORT.segmenter(),
     params:
-        cfg=config_json("evaluation"),
+        cfg=evaluation_json(SEGMENTATION_SETTINGS),
     log:
         paths.LOG.format(results=R, rule="train_segmenter", name=DATASET),
     benchmark:
@@ -57,7 +57,7 @@ rule evaluate_segmentation:
     wildcard_constraints:
         mode="synthetic|both",
     params:
-        cfg=config_json("evaluation"),
+        cfg=evaluation_json(SEGMENTATION_SETTINGS),
     log:
         paths.LOG.format(results=R, rule="evaluate_segmentation", name=join_name(DATASET, "{mode}", "{variant}")),
     benchmark:
