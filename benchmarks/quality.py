@@ -46,6 +46,8 @@ def progress_rows(models: Path) -> list[dict]:
         first, last = with_fd[0], with_fd[-1]
         row = {"model": work.name, "first_step": first["step"], "fd_first": first["fd"], "last_step": last["step"],
                "fd_last": last["fd"], "fd_ratio": last["fd"] / first["fd"]}
+        if "fd_real" in last:
+            row["fd_real"] = last["fd_real"]
         for key in ("label_miou", "psnr"):
             if key in last:
                 row[f"{key}_first"], row[f"{key}_last"] = first.get(key), last[key]
@@ -124,12 +126,14 @@ def main() -> None:
     table = read_tsv_table(_one("evaluation/*/ablation.tsv", args.results))
     progress = progress_rows(_one("models/*", args.results))
     lines = ["## Ablation (held-out test maps)", "", to_markdown(table), "## Progress (first → last evaluation)", "",
-             "| model | steps | FD | FD ratio | label fidelity mIoU | PSNR |", "|---|---|---:|---:|---:|---:|"]
+             "| model | steps | FD | FD ratio | FD of other real patches | label fidelity mIoU | PSNR |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for p in progress:
         label = f"{p['label_miou_first']:.3f} → {p['label_miou_last']:.3f}" if "label_miou_last" in p else "–"
         psnr = f"{p['psnr_first']:.1f} → {p['psnr_last']:.1f}" if "psnr_last" in p else "–"
+        floor = f"{p['fd_real']:.1f}" if "fd_real" in p else "–"
         lines.append(f"| {p['model']} | {p['first_step']} → {p['last_step']} | {p['fd_first']:.1f} → {p['fd_last']:.1f} | "
-                     f"{p['fd_ratio']:.2f} | {label} | {psnr} |")
+                     f"{p['fd_ratio']:.2f} | {floor} | {label} | {psnr} |")
     lines += ["", "## k-NN metrics: radii that skip overlapping patches / plain radii", "",
               "| variant | encoder | precision | recall | density | coverage |", "|---|---|---:|---:|---:|---:|"]
     lines += estimator_rows(_one("evaluation/*", args.results))

@@ -84,6 +84,10 @@ def training_curves_png(work_dir: str | Path, out: str | Path, title: str | None
         points = [(r["step"], r[key]) for r in progress if key in r]
         ax = axes[0, i]
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", lw=1.4, ms=3)
+        floor = [r["fd_real"] for r in progress if "fd_real" in r] if key == "fd" else []
+        if floor:  # other held-out patches against the reference ones: what real tissue scores
+            ax.axhline(floor[-1], color="0.4", ls="--", lw=1, label="real patches")
+            ax.legend(frameon=False)
         ax.set_xlabel("step")
         ax.set_ylabel(PROGRESS_PANELS[key])
         ax.grid(alpha=0.3)

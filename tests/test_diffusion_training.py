@@ -341,3 +341,29 @@ def test_settings_unknown_to_a_checkpoint_do_not_count_as_changes():
     assert changed_settings(saved, s) == {}
     saved["lr"] = 0.5
     assert changed_settings(saved, s) == {"lr": (0.5, s.lr)}
+
+
+def test_progress_fd_comes_with_the_fd_of_other_real_patches():
+    from histopipe.diffusion.monitor import SampleMonitor
+    from histopipe.diffusion.tasks import other_batch
+
+    # The other patches are the ones the reference left out, evenly spaced.
+    items = [{"image": torch.full((3, 4, 4), float(i))} for i in range(10)]
+    ref = set(reference_batch(items, 4, spread=True)["image"][:, 0, 0, 0].tolist())
+    other = set(other_batch(items, 4, 4)["image"][:, 0, 0, 0].tolist())
+    assert len(ref) == len(other) == 4 and not ref & other
+    assert other_batch(items[:5], 4, 4) is None  # one patch left: no covariance
+
+    # Real patches: smooth pink-purple fields; the samples: noise. Real against other real
+    # patches is the floor, constant over evaluations and far below the noise's FD.
+    rng = np.random.default_rng(0)
+
+    def tissue(n):
+        base = np.array([200, 120, 180]) + rng.normal(0, 12, (n, 1, 1, 3))
+        return np.clip(base + rng.normal(0, 6, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+
+    monitor = SampleMonitor(tissue(12), "efficientnet_lite0", other_real=tissue(12))
+    noise = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    first, second = monitor(noise, None, torch.device("cpu")), monitor(tissue(12), None, torch.device("cpu"))
+    assert first["fd_real"] == second["fd_real"] < second["fd"] < first["fd"]
+    assert "fd_real" not in SampleMonitor(tissue(4), "efficientnet_lite0")(noise, None, torch.device("cpu"))

@@ -75,10 +75,20 @@ def _datasets(path: Path, memory_mb: float):
     return train_set, (val_set if len(val_set) else train_set), info
 
 
-def run_vae(args: argparse.Namespace) -> int:
-    from histopipe.diffusion.models import load_vae
+def _monitor(s, val_set, reference: dict, segmenter: str | None = None):
+    """Progress evaluations on the first ``eval_samples`` reference patches; other val patches
+    of the same number give the FD real tissue reaches at that size."""
     from histopipe.diffusion.monitor import SampleMonitor
     from histopipe.diffusion.pipeline import to_uint8
+    from histopipe.diffusion.tasks import other_batch
+
+    other = other_batch(val_set, s.eval_samples, max(s.eval_samples, 8))
+    return SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder, segmenter,
+                         None if other is None else to_uint8(other["image"]))
+
+
+def run_vae(args: argparse.Namespace) -> int:
+    from histopipe.diffusion.models import load_vae
     from histopipe.diffusion.settings import vae_settings
     from histopipe.diffusion.tasks import VAETask, reference_batch, set_latent_scaling
     from histopipe.diffusion.training import MODEL_DIR, train
@@ -98,7 +108,7 @@ def run_vae(args: argparse.Namespace) -> int:
                  s.pretrained, args.out / MODEL_DIR, factor, before)
         return 0
     reference = reference_batch(val_set, max(s.eval_samples, 8), spread=True)
-    monitor = SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder) if s.eval_every else None
+    monitor = _monitor(s, val_set, reference) if s.eval_every else None
     task = VAETask(s, info["patch_size"], reference, scale_images, monitor)
     result = train(task, train_set, s, args.out)
     log.info("VAE trained to step %d: %s", result.step, result.model_dir)
@@ -107,8 +117,6 @@ def run_vae(args: argparse.Namespace) -> int:
 
 def run_ldm(args: argparse.Namespace) -> int:
     from histopipe.diffusion.models import load_vae
-    from histopipe.diffusion.monitor import SampleMonitor
-    from histopipe.diffusion.pipeline import to_uint8
     from histopipe.diffusion.settings import ldm_settings
     from histopipe.diffusion.tasks import LDMTask, reference_batch
     from histopipe.diffusion.training import train
@@ -120,9 +128,7 @@ def run_ldm(args: argparse.Namespace) -> int:
     vae = load_vae(args.vae)
     train_set, val_set, info = _datasets(args.dataset, s.memory_mb)
     reference = reference_batch(val_set, max(s.eval_samples, 8), spread=True)
-    monitor = None
-    if s.eval_every:
-        monitor = SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder, args.segmenter)
+    monitor = _monitor(s, val_set, reference, args.segmenter) if s.eval_every else None
     task = LDMTask(
         s, vae, info["patch_size"], info["level_luts"], reference,
         label_names=info["label_names"], mpp=info.get("mpp"), monitor=monitor,

@@ -56,8 +56,25 @@ def reference_batch(dataset, n: int = 4, spread: bool = False) -> dict[str, torc
 
     The first ``n``, or with ``spread`` ``n`` evenly spaced over the dataset (neighbouring
     patches of one slide overlap; spaced ones show more of the data)."""
-    m = min(n, len(dataset))
-    index = np.linspace(0, len(dataset) - 1, m).round().astype(int) if spread and m > 1 else np.arange(m)
+    return _collate(dataset, _reference_index(len(dataset), n, spread))
+
+
+def other_batch(dataset, n: int, reference_n: int) -> dict[str, torch.Tensor] | None:
+    """Up to ``n`` items that ``reference_batch(dataset, reference_n, spread=True)`` left out,
+    evenly spaced over the rest: other real patches to compare the reference with. None when
+    fewer than two are left."""
+    rest = np.setdiff1d(np.arange(len(dataset)), _reference_index(len(dataset), reference_n, True))
+    if len(rest) < 2:
+        return None
+    return _collate(dataset, rest[_reference_index(len(rest), n, True)])
+
+
+def _reference_index(length: int, n: int, spread: bool) -> np.ndarray:
+    m = min(n, length)
+    return np.linspace(0, length - 1, m).round().astype(int) if spread and m > 1 else np.arange(m)
+
+
+def _collate(dataset, index: np.ndarray) -> dict[str, torch.Tensor]:
     items = [dataset[int(i)] for i in index]
     return {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
 
