@@ -54,9 +54,9 @@ class AblationTable:
 def _crop_measure(crop: dict) -> str:
     """How a fidelity JSON's crop ratio was measured, in words (older files: pooled cosine)."""
     if crop.get("features", "pooled") == "appearance":
-        return (f"distance of a random crop over that of the own crop, in appearance statistics (channel means "
-                f"and deviations of {crop.get('encoder')}'s first {crop.get('stages')} stages),")
-    return f"cosine similarity ({crop.get('encoder')}) of the own crop over that of a random crop,"
+        return (f"distances (random / own) in appearance statistics (channel means and deviations of "
+                f"{crop.get('encoder')}'s first {crop.get('stages')} stages)")
+    return f"cosine similarities (own / random) in {crop.get('encoder')}'s pooled features"
 
 def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTable:
     """Merge distribution and segmentation results (dicts from the metric JSONs) into rows.
@@ -115,8 +115,8 @@ def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTabl
             notes.add(
                 f"Label fidelity: the real-arm segmenter on each synthetic image against its own map "
                 f"(real row: on the real test patches, the upper bound; unconditional row: the chance "
-                f"level). Crop fidelity: {_crop_measure(crop)} between each conditioning crop and its "
-                "synthesised region, against a random crop of the type from another slide "
+                "level). Crop fidelity: how much nearer each synthesised region lies to its conditioning "
+                f"crop than to a random crop of the type from another slide, as the ratio of {_crop_measure(crop)} "
                 "(> 1: the crops are used; 'outside box': the crop's own box cut out of the region; "
                 "real row: the real patches with their own crops)"
             )

@@ -195,7 +195,10 @@ def _compare(features: str, crop: torch.Tensor, random: torch.Tensor, target: to
     else:
         own, rnd = (crop - target).norm(dim=1), (random - target).norm(dim=1)
         nearer, ratio = own < rnd, rnd.mean() / own.mean()
-    return {"ratio": float(ratio), "win": float(nearer.float().mean()), "own": float(own.mean()), "random": float(rnd.mean())}
+    out = {"ratio": float(ratio), "win": float(nearer.float().mean()), "own": float(own.mean()), "random": float(rnd.mean())}
+    if not torch.isfinite(ratio):
+        out.update(ratio=None, reason="the squares are their crops' own pixels (distance 0)")
+    return out
 
 
 def crop_fidelity(
@@ -226,6 +229,8 @@ def crop_fidelity(
     out.update(_compare(features, crop, random, embed([p.region for p in pairs])))
     in_place = _compare(features, crop, random, embed([p.in_place for p in pairs]))
     out.update(ratio_in_place=in_place["ratio"], win_in_place=in_place["win"])
+    if "reason" in in_place:  # real patches: their crops are cut from these very pixels
+        out["reason_in_place"] = in_place["reason"]
     keep = [i for i, p in enumerate(pairs) if p.outside is not None]
     out["n_pairs_outside"] = len(keep)
     if keep:
