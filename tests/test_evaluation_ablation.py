@@ -20,6 +20,8 @@ from histopipe.evaluation.ablation import (
 from histopipe.evaluation.distribution import evaluate_distribution
 from histopipe.evaluation.features import ImageSet
 from histopipe.evaluation.figures import (
+    _font,
+    _wrap,
     colour_map,
     grid_from_stores,
     metric_panels,
@@ -149,6 +151,17 @@ def test_grid_places_maps_and_images(tmp_path):
     assert tuple(arr[syn_centre]) == tuple(pal[syn_maps[0][16, 16]])
     with pytest.raises(HistopipeError, match="same non-zero number"):
         real_vs_synthetic_grid(images[:2], maps[:2], syn_images[:3], syn_maps[:3], 3)
+
+
+def test_column_headers_wrap_to_the_tile_width():
+    from PIL import ImageDraw
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(14)
+    for name in ("map_crop_embeddings", "map_crops", "crops given", "a_name_with_several_long_parts"):
+        lines = _wrap(draw, name, font, 128)
+        assert "".join(lines).replace(" ", "") == name.replace(" ", "")  # nothing lost
+        assert all(draw.textlength(line, font=font) <= 128 for line in lines) or len(lines) == 1
+    assert len(_wrap(draw, "map_crop_embeddings", font, 128)) == 2 and _wrap(draw, "map_crops", font, 128) == ["map_crops"]
 
 
 def test_metric_panels(paper_results, tmp_path):

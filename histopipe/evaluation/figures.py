@@ -7,6 +7,7 @@ is black; labels 1-20 take a fixed qualitative palette, higher labels golden-ang
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px, broken after underscores and at spaces
+    (a single part wider than that stays whole)."""
+    parts = [p for p in re.split(r"(?<=_)|(?<= )", text) if p]
+    lines: list[str] = []
+    for part in parts:
+        if lines and draw.textlength((lines[-1] + part).rstrip(), font=font) <= width:
+            lines[-1] += part
+        else:
+            lines.append(part)
+    return [ln.rstrip() for ln in lines] or [""]
 
 
 def _tile(array: np.ndarray, side: int, nearest: bool) -> Image.Image:
@@ -217,13 +231,17 @@ def variants_grid(real, synthetic: Sequence, n: int, seed: int = 0, tile: int = 
     real_images, real_maps = real.read(np.asarray(chosen), maps=True)
     real_group = open_store(real.path)
     palette = tissue_palette(int(real_group.attrs.get("num_labels", int(real_maps.max()) + 1)))
-    names = ["real", "map", "crops"] + [str(s.attrs.get("variant", s.path.stem)) for s in synthetic]
-    gap, top = 4, 26
-    font = _font(14)
+    names = ["real", "its map", "crops given"] + [str(s.attrs.get("variant", s.path.stem)) for s in synthetic]
+    gap, font = 4, _font(14)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    headers = [_wrap(measure, name, font, tile) for name in names]
+    line = 17
+    top = 8 + line * max(len(h) for h in headers)
     canvas = Image.new("RGB", (len(names) * (tile + gap) + gap, top + len(chosen) * (tile + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
-    for col, name in enumerate(names):
-        draw.text((gap + col * (tile + gap), 4), name, fill="black", font=font)
+    for col, lines in enumerate(headers):
+        for k, text in enumerate(lines):
+            draw.text((gap + col * (tile + gap), 4 + k * line), text, fill="black", font=font)
     crops_group = next((g for g in groups if "crop_canvas" in g), None)
     for r, row in enumerate(chosen):
         panels = [_tile(real_images[r], tile, False), _tile(colour_map(real_maps[r], palette), tile, True)]
