@@ -161,7 +161,7 @@ def run_distribution(args: argparse.Namespace) -> int:
         distribution_rows,
         evaluate_distribution,
     )
-    from histopipe.evaluation.features import ImageSet
+    from histopipe.evaluation.features import SPLITS, ImageSet
     from histopipe.evaluation.outputs import write_json, write_tsv
     from histopipe.evaluation.settings import load_settings
 
@@ -169,7 +169,7 @@ def run_distribution(args: argparse.Namespace) -> int:
     real = ImageSet.open(args.real, args.real_split or settings.real_split,
                          settings.max_samples, settings.seed)
     splits = [x.strip() for x in args.synthetic_split.split(",") if x.strip()]
-    bad = [x for x in splits if x not in ("train", "val", "test", "all")]
+    bad = [x for x in splits if x != "all" and x not in SPLITS]
     if bad or not splits:
         raise HistopipeError(f"--synthetic-split {args.synthetic_split!r}: splits are train, val, test or all")
     synthetic = None

@@ -82,7 +82,7 @@ def _monitor(s, val_set, reference: dict, segmenter: str | None = None):
     from histopipe.diffusion.pipeline import to_uint8
     from histopipe.diffusion.tasks import other_batch
 
-    other = other_batch(val_set, s.eval_samples, max(s.eval_samples, 8))
+    other = other_batch(val_set, s.eval_samples, len(reference["image"]))
     return SampleMonitor(to_uint8(reference["image"][: s.eval_samples]), s.eval_encoder, segmenter,
                          None if other is None else to_uint8(other["image"]))
 

@@ -60,7 +60,8 @@ def reference_batch(dataset, n: int = 4, spread: bool = False) -> dict[str, torc
 
 
 def other_batch(dataset, n: int, reference_n: int) -> dict[str, torch.Tensor] | None:
-    """Up to ``n`` items that ``reference_batch(dataset, reference_n, spread=True)`` left out,
+    """Up to ``n`` items that ``reference_batch(dataset, reference_n, spread=True)`` (``reference_n``
+    items: its ``n`` or the whole dataset) left out,
     evenly spaced over the rest: other real patches to compare the reference with. None when
     fewer than two are left."""
     rest = np.setdiff1d(np.arange(len(dataset)), _reference_index(len(dataset), reference_n, True))

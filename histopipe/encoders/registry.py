@@ -338,14 +338,19 @@ class Encoder(nn.Module):
             return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
         return self.model(x)
 
-    def embed(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], precision: str = "auto") -> torch.Tensor:
-        """Embed uint8 RGB images ``(B, H, W, 3)``: float32 ``(B, dim)`` on the CPU."""
+    def _inputs(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor | None:
+        """uint8 RGB images ``(B, H, W, 3)`` transformed and normalised on this encoder's
+        device; None when there are none."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
         batch = [self.transform(np.asarray(im)) for im in images]
-        if not batch:
+        return self.normalize(torch.stack(batch)) if batch else None
+
+    def embed(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], precision: str = "auto") -> torch.Tensor:
+        """Embed uint8 RGB images ``(B, H, W, 3)``: float32 ``(B, dim)`` on the CPU."""
+        x = self._inputs(images)
+        if x is None:
             return torch.zeros((0, self.dim), dtype=torch.float32)
-        x = self.normalize(torch.stack(batch))
         amp = autocast_dtype(precision, self.device, self.spec)
         with torch.inference_mode(), autocast(self.device, amp):
             return self(x).float().cpu()
@@ -362,10 +367,9 @@ class Encoder(nn.Module):
                 f"encoder {self.spec.name!r} ({self.spec.architecture}): timm gives no intermediate features for it, "
                 "so it has no appearance statistics; choose another encoder or pooled features"
             )
-        batch = [self.transform(np.asarray(im)) for im in images]
-        if not batch:
+        x = self._inputs(images)
+        if x is None:
             return torch.zeros((0, 0), dtype=torch.float32)
-        x = self.normalize(torch.stack(batch))
         amp = autocast_dtype(precision, self.device, self.spec)
         with torch.inference_mode(), autocast(self.device, amp):
             maps = self.model.forward_intermediates(x, indices=list(range(stages)), intermediates_only=True)

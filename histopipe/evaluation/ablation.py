@@ -50,13 +50,13 @@ class AblationTable:
         return [row.get(column) for row in self.rows]
 
 
-
 def _crop_measure(crop: dict) -> str:
     """How a fidelity JSON's crop ratio was measured, in words (older files: pooled cosine)."""
     if crop.get("features", "pooled") == "appearance":
         return (f"distances (random / own) in appearance statistics (channel means and deviations of "
                 f"{crop.get('encoder')}'s first {crop.get('stages')} stages)")
     return f"cosine similarities (own / random) in {crop.get('encoder')}'s pooled features"
+
 
 def assemble(results: Iterable[dict], order: Sequence[str] = ()) -> AblationTable:
     """Merge distribution and segmentation results (dicts from the metric JSONs) into rows.

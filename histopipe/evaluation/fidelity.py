@@ -196,7 +196,7 @@ def _compare(features: str, crop: torch.Tensor, random: torch.Tensor, target: to
         own, rnd = (crop - target).norm(dim=1), (random - target).norm(dim=1)
         nearer, ratio = own < rnd, rnd.mean() / own.mean()
     out = {"ratio": float(ratio), "win": float(nearer.float().mean()), "own": float(own.mean()), "random": float(rnd.mean())}
-    if not torch.isfinite(ratio):
+    if features == "appearance" and out["own"] == 0:
         out.update(ratio=None, reason="the squares are their crops' own pixels (distance 0)")
     return out
 

@@ -96,10 +96,9 @@ def config_json(*sections):
 SEGMENTATION_SETTINGS = ("segmentation", "device", "seed")
 
 
-def evaluation_json(keys=None):
-    """The evaluation section as JSON, or only its ``keys``."""
-    section = config["evaluation"]
-    return json.dumps({"evaluation": section if keys is None else {k: section[k] for k in keys}})
+def evaluation_json(keys):
+    """Only ``keys`` of the evaluation section, as JSON."""
+    return json.dumps({"evaluation": {k: config["evaluation"][k] for k in keys}})
 
 
 def join_name(*parts):
