@@ -132,6 +132,17 @@ def test_crop_fidelity_features_must_be_known_and_available():
         crop_fidelity(ColourStats(), [pair], {}, "appearance")
 
 
+def test_pooled_ratio_is_n_a_when_the_random_similarity_is_not_positive():
+    # Crop and region red, the random crop of the type its opposite: cosine -1, so a ratio of
+    # similarities would be negative. It is None with the reason, for the table's n/a.
+    red, cyan = (np.full((8, 8, 3), c, np.uint8) for c in ((200, 128, 128), (56, 128, 128)))
+    pair = CropPair(crop=red, random=cyan, region=red, in_place=red, outside=red)
+    out = crop_fidelity(ColourStats(), [pair], {}, "pooled")
+    assert out["ratio"] is None and "not positive" in out["reason"]
+    assert out["ratio_outside"] is None and "not positive" in out["reason_outside"]
+    assert out["win"] == 1.0  # the win rate stays: the region is nearer its own crop
+
+
 @pytest.mark.slow
 def test_label_fidelity_scores_images_against_their_maps(tmp_path):
     rng = np.random.default_rng(0)

@@ -31,6 +31,7 @@ same for all variants), so the variants that ignore crops give the ratio's null 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,11 @@ def _compare(features: str, crop: torch.Tensor, random: torch.Tensor, target: to
     out = {"ratio": float(ratio), "win": float(nearer.float().mean()), "own": float(own.mean()), "random": float(rnd.mean())}
     if features == "appearance" and out["own"] == 0:
         out.update(ratio=None, reason="the squares are their crops' own pixels (distance 0)")
+    elif features == "pooled" and not out["random"] > 0:
+        out.update(ratio=None, reason=f"mean cosine similarity to the random crops is {out['random']:.3g}, not positive: "
+                                      "a ratio of similarities means nothing")
+    elif not math.isfinite(out["ratio"]):
+        out.update(ratio=None, reason="the features are not finite")
     return out
 
 
@@ -237,6 +243,8 @@ def crop_fidelity(
         outside = _compare(features, crop[keep], random[keep], embed([pairs[i].outside for i in keep]))
         out.update(ratio_outside=outside["ratio"], win_outside=outside["win"],
                    own_outside=outside["own"], random_outside=outside["random"])
+        if "reason" in outside:
+            out["reason_outside"] = outside["reason"]
     else:
         out.update(ratio_outside=None, reason_outside="no region left a square outside its crop's box")
     return out
