@@ -63,6 +63,8 @@ test: venv
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure here" >&2; exit 1; fi; \
 	exit $$rc
 
+# The Snakefile reads the cohort sheet at parse time: the demo cohort is written first (once).
 lint: venv
 	$(BIN)/ruff check histopipe tests benchmarks
+	test -f $(DEMO_DIR)/slides.tsv || $(BIN)/histopipe demo-cohort $(DEMO_DIR)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint $(DEMO_ARGS)
