@@ -235,7 +235,7 @@ def crop_fidelity(
     out.update(_compare(features, crop, random, embed([p.region for p in pairs])))
     in_place = _compare(features, crop, random, embed([p.in_place for p in pairs]))
     out.update(ratio_in_place=in_place["ratio"], win_in_place=in_place["win"])
-    if "reason" in in_place:  # real patches: their crops are cut from these very pixels
+    if "reason" in in_place:  # e.g. real patches: their crops are cut from these very pixels
         out["reason_in_place"] = in_place["reason"]
     keep = [i for i, p in enumerate(pairs) if p.outside is not None]
     out["n_pairs_outside"] = len(keep)
